@@ -1,0 +1,56 @@
+"""The ``ctfactory`` command: one subcommand per capability, each in its own module.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets
+``func=run(args) -> int``. Bad input raises :class:`UsageError`, printed as one line naming the
+option and what is valid, with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Command modules in the order ``ctfactory --help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "factory.phantom.cli",
+)
+
+
+class UsageError(Exception):
+    """Bad input from the command line or a file: reported as one line, exit code 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep example blocks as written and show defaults."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctfactory",
+        description="ct-factory: synthetic, labelled 3D chest CT (phantoms, cohorts, models).",
+        formatter_class=HelpFormatter,
+        epilog="Run 'ctfactory COMMAND --help' for a command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"ctfactory {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctfactory {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
