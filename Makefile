@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/ctfactory phantom --n 8 --size 64 --seed 0 --out $(DEMO_OUT)/phantom --preview --overwrite
-	@echo "demo: phantom dataset and previews in $(DEMO_OUT)/phantom (docs/phantom.md)"
+	$(BIN)/ctfactory plan cohorts/demo.yaml --out $(DEMO_OUT)/demo-plan.parquet --plot $(DEMO_OUT)/demo-plan.png
+	@echo "demo: phantom dataset and previews in $(DEMO_OUT)/phantom (docs/phantom.md);"
+	@echo "      the demo cohort's plan in $(DEMO_OUT)/demo-plan.parquet and .png (docs/cohort-spec.md)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

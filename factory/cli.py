@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # Command modules in the order ``ctfactory --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "factory.phantom.cli",
+    "factory.cohort.cli",
 )
 
 
