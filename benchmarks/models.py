@@ -1,0 +1,88 @@
+"""Model sizes and CPU/GPU timings: parameter counts for tiny and base, and for tiny the
+per-step and per-volume generation times.
+
+    .venv/bin/python benchmarks/models.py > /tmp/models-bench.md
+
+Per step: one UNet evaluation with classifier-free guidance (cond + uncond batched). Per
+volume: the whole request (text, 20 DDIM steps, VAE decode to 64^3 HU, masks), median of 3,
+batch 1 and batch 4 (per-volume time = batch time / 4). Random weights: speed does not depend
+on what the weights have learned.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from factory.models.clip import CLIP3D
+from factory.models.config import load_config
+from factory.models.diffusion import TextConditionedUNet
+from factory.models.generator import Generator, Request
+from factory.models.vae import build_vae
+
+
+def count(module: torch.nn.Module) -> str:
+    """Parameters a network trains and saves (for CLIP: vision, heads, temperature)."""
+    params = module.trainable_state_dict() if isinstance(module, CLIP3D) else module.state_dict()
+    return f"{sum(p.numel() for p in params.values()) / 1e6:.2f} M"
+
+
+def timed(fn, repeat: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"Device: {name}; torch {torch.__version__}\n")
+    tiny = Generator.from_config(load_config("tiny"), device=device)
+    print("| network | tiny | base |\n|---|---|---|")
+    base = load_config("base")
+    rows = {
+        "VAE (AutoencoderKL)": (tiny.codec.vae, build_vae(base.vae)),
+        "latent diffusion UNet": (tiny.unet, TextConditionedUNet(base)),
+        "3D CLIP (vision + heads)": (
+            CLIP3D.from_config(tiny.config, tiny.text),
+            CLIP3D.from_config(base, tiny.text),
+        ),
+    }
+    for label, (a, b) in rows.items():
+        print(f"| {label} | {count(a)} | {count(b)} |")
+    print(f"| text encoder (MiniLM, frozen) | {count(tiny.text)} | {count(tiny.text)} |\n")
+    cfg = tiny.config
+    with torch.inference_mode():
+        for batch in (1, 4):
+            x = torch.randn(2 * batch, cfg.latent_channels, *cfg.latent_size, device=device)
+            t = torch.full((2 * batch,), 500, device=device)
+            ctx = torch.randn(2 * batch, cfg.text.max_tokens, cfg.text.hidden_size, device=device)
+            step = timed(lambda x=x, t=t, ctx=ctx: tiny.unet(x, t, ctx))
+            z = torch.randn(1, cfg.vae.latent_channels, *cfg.latent_size, device=device)
+            decode = timed(lambda z=z: tiny.codec.decode(z))
+            reqs = [
+                Request(f"{60 + i} years old M: pleural effusion.", seed=i, steps=20)
+                for i in range(batch)
+            ]
+            volume = (
+                timed(lambda reqs=reqs, batch=batch: tiny.generate(reqs, batch_size=batch)) / batch
+            )
+            print(
+                f"- batch {batch}: one guided UNet step {step:.3f} s; VAE decode of one 64^3 "
+                f"volume {decode:.3f} s; one volume with 20 DDIM steps {volume:.2f} s"
+            )
+
+
+if __name__ == "__main__":
+    main()

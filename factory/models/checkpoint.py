@@ -1,0 +1,472 @@
+"""Checkpoints: a model is a directory of safetensors weights, config, model card and hashes.
+
+Layout of a checkpoint directory::
+
+    config.yaml              the ModelConfig (factory.models.config.dump_config)
+    {network}.safetensors    one per network present, network in NETWORKS (any subset)
+    model_card.md            the ModelCard for people
+    model_card.json          the same ModelCard for programs
+    labels.csv               optional: the training labels in CT-RATE layout (reference: model)
+    checksums.json           {"algorithm": "sha256", "files": {name: sha256}, "content_hash": ...}
+
+The content hash is the sha256 of the lines ``f"{name}\\t{sha256}\\n"`` (UTF-8) for every file
+but checksums.json, sorted by name (relative, "/"-separated). It names the model in every
+generated volume's metadata.
+
+A reference is ``builtin:NAME`` (``factory/models/builtin/NAME``), a local directory, or an fsspec
+URL (``s3://bucket/model``, ``memory://...``; ``file://`` is a local directory). Remote checkpoints
+are downloaded once into a cache: ``cache_dir`` if given, else ``$CTFACTORY_CACHE/models``, else
+``~/.cache/ct-factory/models``, one subdirectory per URL (the sha256 of the URL). A cached copy is
+reused while its checksums verify; a checkpoint replaced at the same URL needs a new URL or a
+cleared cache entry. S3 credentials and endpoint come from the standard AWS variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) or from
+``storage_options`` (e.g. ``{"endpoint_url": ...}``), passed to fsspec as is.
+
+Nothing is ever unpickled: weights are read with ``safetensors.torch.load_file`` only, and a
+directory holding a pickle-format file is refused before anything in it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from factory.models.config import ConfigError, ModelConfig, dump_config, parse_config
+
+NETWORKS: tuple[str, ...] = ("vae", "clip", "diffusion", "text")
+CONFIG_FILE = "config.yaml"
+CARD_MARKDOWN = "model_card.md"
+CARD_JSON = "model_card.json"
+LABELS_FILE = "labels.csv"  # read by factory.cohort.reference for ``reference: model``
+CHECKSUMS_FILE = "checksums.json"
+WEIGHTS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be saved, found or trusted; the message names directory and file."""
+
+
+@dataclass
+class ModelCard:
+    """What a model is for and how it was made; stored as model_card.md and model_card.json."""
+
+    name: str
+    description: str = ""
+    training_data: str = ""
+    steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    intended_use: str = "Research on synthetic chest CT; not for clinical use."
+    limitations: str = ""
+    license: str = "Apache-2.0"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        """The card as Markdown for people reading the checkpoint directory."""
+        metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(self.metrics.items()))
+        sections = [
+            f"# {self.name}\n\n{self.description or '(no description)'}",
+            f"License: {self.license}",
+            f"## Training data\n\n{self.training_data or '(not recorded)'}",
+            f"## Training\n\nSteps: {self.steps:,}",
+            "## Metrics\n\n"
+            + (f"| metric | value |\n|---|---|\n{metrics}" if metrics else "(none recorded)"),
+            f"## Intended use\n\n{self.intended_use or '(not stated)'}",
+            f"## Limitations\n\n{self.limitations or '(not stated)'}",
+        ]
+        if self.extra:
+            extra = json.dumps(self.extra, indent=2, sort_keys=True)
+            sections.append(f"## Extra\n\n```json\n{extra}\n```")
+        return "\n\n".join(sections) + "\n"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded, verified model: its directory, config, weights per network, card and hash."""
+
+    directory: Path
+    config: ModelConfig
+    weights: dict[str, dict[str, torch.Tensor]]
+    card: ModelCard
+    hash: str
+
+    def state_dict(self, network: str) -> dict[str, torch.Tensor]:
+        """The weights of one network, or an error listing the networks this checkpoint has."""
+        if network not in self.weights:
+            raise CheckpointError(
+                f"{self.directory}: no {network!r} network in this checkpoint "
+                f"(no {network}{WEIGHTS_SUFFIX}); available: {', '.join(self.weights)}"
+            )
+        return self.weights[network]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_of(files: Mapping[str, str]) -> str:
+    """The content hash from (relative name, file sha256) pairs."""
+    h = hashlib.sha256()
+    for name, digest in sorted(files.items()):
+        h.update(f"{name}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _listing(directory: Path) -> list[str]:
+    """Every file below ``directory`` as a relative "/"-separated name, sorted."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def _refuse_pickles(where: str, names: list[str]) -> None:
+    pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise CheckpointError(
+            f"{where}: refusing to load a checkpoint holding pickle-format files "
+            f"({', '.join(pickles)}): unpickling can run arbitrary code, so ct-factory never "
+            f"unpickles. Convert the weights to safetensors ({{network}}{WEIGHTS_SUFFIX} with "
+            "safetensors.torch.save_file, in a trusted environment) and remove those files."
+        )
+
+
+def content_hash(directory: str | Path) -> str:
+    """The content hash of the files now in ``directory`` (all but checksums.json)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    names = [n for n in _listing(directory) if n != CHECKSUMS_FILE]
+    return _hash_of({n: _sha256_file(directory / n) for n in names})
+
+
+def _read_checksums(directory: Path) -> tuple[dict[str, str], str]:
+    path = directory / CHECKSUMS_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory}: no {CHECKSUMS_FILE}, so this is not a ct-factory checkpoint "
+            "(save one with factory.models.checkpoint.save_checkpoint)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files, recorded = data["files"], data["content_hash"]
+        if not (isinstance(files, dict) and isinstance(recorded, str)):
+            raise TypeError("files must be a mapping and content_hash a string")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise TypeError("files must map names to sha256 strings")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
+    if _hash_of(files) != recorded:
+        raise CheckpointError(
+            f"{path}: the content hash does not match the file hashes it lists; "
+            "checksums.json was edited or corrupted"
+        )
+    return files, recorded
+
+
+def _verify(directory: Path, hash_files: bool) -> str:
+    """Check a checkpoint directory against its checksums.json; returns its content hash.
+
+    Refuses pickles first, then checks the required files, the file set, and (``hash_files``)
+    every file's sha256.
+    """
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    present = _listing(directory)
+    _refuse_pickles(str(directory), present)
+    for required in (CONFIG_FILE, CARD_JSON):
+        if required not in present:
+            raise CheckpointError(f"{directory}: missing {required}")
+    files, recorded = _read_checksums(directory)
+    present = [n for n in present if n != CHECKSUMS_FILE]
+    missing = sorted(set(files) - set(present))
+    if missing:
+        raise CheckpointError(
+            f"{directory}: missing {', '.join(missing)} (listed in {CHECKSUMS_FILE}); "
+            "the checkpoint is incomplete"
+        )
+    extra = sorted(set(present) - set(files))
+    if extra:
+        raise CheckpointError(
+            f"{directory}: unexpected file(s) {', '.join(extra)} not listed in {CHECKSUMS_FILE}; "
+            "the content hash does not cover them: remove them or save the checkpoint again"
+        )
+    if hash_files:
+        for name in present:
+            actual = _sha256_file(directory / name)
+            if actual != files[name]:
+                raise CheckpointError(
+                    f"{directory}: {name} does not match {CHECKSUMS_FILE} (sha256 "
+                    f"{actual[:12]}..., recorded {files[name][:12]}...): the content hash does not "
+                    "match, the file was changed or corrupted after saving"
+                )
+    return recorded
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    return (directory / CHECKSUMS_FILE).is_file() and (directory / CONFIG_FILE).is_file()
+
+
+def _prepare_weights(
+    directory: Path, network: str, state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors; tensors sharing storage are copied (safetensors refuses them)."""
+    if not state:
+        raise CheckpointError(f"{directory}: weights[{network!r}] is empty")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"{directory}: weights[{network!r}][{key!r}] is a {type(tensor).__name__}, "
+                "not a tensor"
+            )
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[str(key)] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
+
+
+def _swap_into_place(tmp: Path, destination: Path) -> None:
+    """Rename ``tmp`` to ``destination``, replacing an old checkpoint there only once complete."""
+    if not destination.exists():
+        tmp.rename(destination)
+        return
+    old = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex[:8]}")
+    destination.rename(old)
+    try:
+        tmp.rename(destination)
+    except BaseException:
+        old.rename(destination)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    config: ModelConfig,
+    weights: Mapping[str, Mapping[str, torch.Tensor]],
+    card: ModelCard,
+    labels_csv: str | Path | None = None,
+) -> str:
+    """Write a checkpoint directory atomically and return its content hash.
+
+    Everything is written into a temporary sibling directory first and renamed into place, so
+    ``directory`` holds either the old content or the complete new checkpoint. An existing
+    checkpoint (or empty directory) may be replaced; any other existing path is refused.
+    """
+    directory = Path(directory).absolute()
+    unknown = sorted(set(weights) - set(NETWORKS))
+    if unknown:
+        raise CheckpointError(
+            f"{directory}: unknown network(s) {', '.join(unknown)}; valid: {', '.join(NETWORKS)}"
+        )
+    if not weights:
+        raise CheckpointError(
+            f"{directory}: no networks to save; give at least one of {', '.join(NETWORKS)}"
+        )
+    if directory.exists() and not (
+        directory.is_dir() and (_is_checkpoint(directory) or not any(directory.iterdir()))
+    ):
+        raise CheckpointError(
+            f"{directory}: exists and is not a ct-factory checkpoint (no {CHECKSUMS_FILE} and "
+            f"{CONFIG_FILE}); refusing to overwrite it: choose a new directory or remove it"
+        )
+    if labels_csv is not None and not Path(labels_csv).is_file():
+        raise CheckpointError(f"{directory}: labels_csv {labels_csv} is not a file")
+    try:
+        card_json = json.dumps(dataclasses.asdict(card), indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: model card is not JSON-serialisable: {exc}") from None
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        (tmp / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
+        for network in sorted(weights):
+            save_file(
+                _prepare_weights(directory, network, weights[network]),
+                tmp / f"{network}{WEIGHTS_SUFFIX}",
+            )
+        (tmp / CARD_MARKDOWN).write_text(card.to_markdown(), encoding="utf-8")
+        (tmp / CARD_JSON).write_text(card_json, encoding="utf-8")
+        if labels_csv is not None:
+            shutil.copyfile(labels_csv, tmp / LABELS_FILE)
+        files = {name: _sha256_file(tmp / name) for name in _listing(tmp)}
+        digest = _hash_of(files)
+        checksums = {"algorithm": "sha256", "files": files, "content_hash": digest}
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=2) + "\n", encoding="utf-8")
+        _swap_into_place(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return digest
+
+
+def _builtin(name: str) -> Path:
+    available = (
+        sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir() and p.name[0] not in "._")
+        if BUILTIN_DIR.is_dir()
+        else []
+    )
+    if name not in available:
+        raise CheckpointError(
+            f"{BUILTIN_PREFIX}{name}: no such builtin model; available: "
+            f"{', '.join(BUILTIN_PREFIX + a for a in available) or 'none yet'}"
+        )
+    return BUILTIN_DIR / name
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    root = os.environ.get("CTFACTORY_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "ct-factory") / "models"
+
+
+def _download(fs: Any, root: str, url: str, target: Path) -> None:
+    """Copy every file below ``root`` on ``fs`` into ``target``, refusing pickles first."""
+    prefix = root.rstrip("/") + "/"
+    try:
+        remote = [p for p in fs.find(root) if p.startswith(prefix)]
+    except Exception as exc:
+        raise CheckpointError(f"{url}: cannot list the checkpoint: {exc}") from exc
+    if not remote:
+        raise CheckpointError(f"{url}: no checkpoint there (no files found)")
+    names = [p[len(prefix) :] for p in remote]
+    _refuse_pickles(url, names)
+    try:
+        for path, name in zip(remote, names, strict=True):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(path, str(target / name))
+    except Exception as exc:
+        raise CheckpointError(f"{url}: download failed: {exc}") from exc
+
+
+def _cached(
+    url: str, cache_dir: Path | None, storage_options: dict | None, verify: bool
+) -> tuple[Path, str]:
+    """The local copy of a remote checkpoint and its content hash, verified; downloaded
+    (atomically) unless a copy that verifies is already cached."""
+    import fsspec
+
+    url = url.rstrip("/")
+    entry = _cache_root(cache_dir) / hashlib.sha256(url.encode()).hexdigest()
+    if entry.is_dir():
+        try:
+            return entry, _verify(entry, hash_files=verify)
+        except CheckpointError:
+            pass  # a stale or damaged copy: download afresh below
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except Exception as exc:
+        raise CheckpointError(f"{url}: cannot open: {exc}") from exc
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        _download(fs, root, url, tmp)
+        digest = _verify(tmp, hash_files=True)
+        _swap_into_place(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry, digest
+
+
+def _locate(
+    ref: str | Path, cache_dir: Path | None, storage_options: dict | None, verify: bool
+) -> tuple[Path, str | None]:
+    """The local directory for ``ref``, with its content hash when already verified."""
+    text = str(ref)
+    if text.startswith(BUILTIN_PREFIX):
+        return _builtin(text[len(BUILTIN_PREFIX) :]), None
+    if text.startswith("file://"):
+        return Path(text[len("file://") :]), None
+    if "://" in text:
+        return _cached(text, cache_dir, storage_options, verify)
+    return Path(text).expanduser(), None
+
+
+def resolve(
+    ref: str | Path, cache_dir: Path | None = None, storage_options: dict | None = None
+) -> Path:
+    """The local directory of a checkpoint reference, downloading a remote one if needed."""
+    path, _ = _locate(ref, cache_dir, storage_options, verify=True)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{ref}: no such checkpoint directory; expected builtin:NAME, a directory, "
+            "or an fsspec URL (s3://bucket/model)"
+        )
+    return path
+
+
+def _read_card(directory: Path) -> ModelCard:
+    path = directory / CARD_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ModelCard(**data)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a valid model card: {exc}") from None
+
+
+def _read_config(directory: Path) -> ModelConfig:
+    path = directory / CONFIG_FILE
+    try:
+        return parse_config(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path}: not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def load_checkpoint(
+    ref: str | Path,
+    cache_dir: Path | None = None,
+    verify: bool = True,
+    storage_options: dict | None = None,
+) -> Checkpoint:
+    """Load a checkpoint by reference (see the module docstring), never unpickling anything.
+
+    ``verify`` checks every file's sha256 against checksums.json; without it only the file set
+    is checked and the recorded hash is trusted. ``storage_options`` go to fsspec for URLs.
+    """
+    directory, digest = _locate(ref, cache_dir, storage_options, verify)
+    digest = digest or _verify(directory, hash_files=verify)
+    config = _read_config(directory)
+    card = _read_card(directory)
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for name in _listing(directory):
+        if not name.endswith(WEIGHTS_SUFFIX):
+            continue
+        network = name[: -len(WEIGHTS_SUFFIX)]
+        if network not in NETWORKS:
+            raise CheckpointError(
+                f"{directory}: {name} is not a known network; valid: "
+                f"{', '.join(n + WEIGHTS_SUFFIX for n in NETWORKS)}"
+            )
+        try:
+            weights[network] = load_file(directory / name)
+        except Exception as exc:
+            raise CheckpointError(f"{directory}: {name} is not a safetensors file: {exc}") from exc
+    if not weights:
+        raise CheckpointError(
+            f"{directory}: no network weights; expected one or more of "
+            f"{', '.join(n + WEIGHTS_SUFFIX for n in NETWORKS)}"
+        )
+    return Checkpoint(directory, config, weights, card, digest)
