@@ -37,6 +37,13 @@ MASK_LABELS: dict[int, str] = {
     10: "bone",
     11: "esophagus",
 }
+# MedSyn-style anatomy channels as unions of mask labels.
+ANATOMY_GROUPS: dict[str, tuple[int, ...]] = {
+    "lungs": (1, 2, 3, 4, 5),
+    "airway": (6,),
+    "vessels": (7,),
+    "heart": (8,),
+}
 LOBE_CODES: tuple[str, ...] = ("RUL", "RML", "RLL", "LUL", "LLL")
 LOBE_LABEL: dict[str, int] = {code: i + 1 for i, code in enumerate(LOBE_CODES)}
 LUNG_LABELS = (1, 2, 3, 4, 5)

@@ -1,0 +1,1 @@
+"""Reading CT-RATE-layout datasets (real CT-RATE or the phantom) and preprocessing them."""
