@@ -11,10 +11,8 @@ on what the weights have learned.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+from timing import timed
 
 from factory.models.clip import CLIP3D
 from factory.models.config import load_config
@@ -27,16 +25,6 @@ def count(module: torch.nn.Module) -> str:
     """Parameters a network trains and saves (for CLIP: vision, heads, temperature)."""
     params = module.trainable_state_dict() if isinstance(module, CLIP3D) else module.state_dict()
     return f"{sum(p.numel() for p in params.values()) / 1e6:.2f} M"
-
-
-def timed(fn, repeat: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -68,15 +56,15 @@ def main() -> None:
             x = torch.randn(2 * batch, cfg.latent_channels, *cfg.latent_size, device=device)
             t = torch.full((2 * batch,), 500, device=device)
             ctx = torch.randn(2 * batch, cfg.text.max_tokens, cfg.text.hidden_size, device=device)
-            step = timed(lambda x=x, t=t, ctx=ctx: tiny.unet(x, t, ctx))
+            step = timed(lambda x=x, t=t, ctx=ctx: tiny.unet(x, t, ctx), warmup=True)
             z = torch.randn(1, cfg.vae.latent_channels, *cfg.latent_size, device=device)
-            decode = timed(lambda z=z: tiny.codec.decode(z))
+            decode = timed(lambda z=z: tiny.codec.decode(z), warmup=True)
             reqs = [
                 Request(f"{60 + i} years old M: pleural effusion.", seed=i, steps=20)
                 for i in range(batch)
             ]
             volume = (
-                timed(lambda reqs=reqs, batch=batch: tiny.generate(reqs, batch_size=batch)) / batch
+                timed(lambda r=reqs, b=batch: tiny.generate(r, batch_size=b), warmup=True) / batch
             )
             print(
                 f"- batch {batch}: one guided UNet step {step:.3f} s; VAE decode of one 64^3 "

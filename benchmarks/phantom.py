@@ -10,12 +10,12 @@ it; "changed" counts voxels whose HU moved by more than 25, "max" the largest ch
 from __future__ import annotations
 
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from timing import timed
 
 from factory import vocab
 from factory.phantom.dataset import PhantomSettings, default_grid, write_dataset
@@ -30,15 +30,6 @@ ATTRS = {  # a middling version of each finding
     "lung_nodule": {"size_mm": 6, "count": 1}, "hiatal_hernia": {"size_mm": 35},
     "lymphadenopathy": {"size_mm": 14, "count": 1}, "medical_material": {"device": "port_catheter"},
 }  # fmt: skip
-
-
-def timed(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

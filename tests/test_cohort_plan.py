@@ -424,10 +424,15 @@ def test_reference_that_cannot_produce_a_finding(tmp_path):
     assert "combinations the reference cannot produce" in message
 
 
-def test_pair_the_reference_never_has_together(tmp_path):
+def write_reference_without_emphysema_and_nodule(folder) -> None:
+    """A reference CSV (ref.csv) in which no volume has both emphysema and a lung nodule."""
     labels = rich_labels(500)
     labels[labels[:, column("emphysema")] == 1, column("lung_nodule")] = 0
-    write_csv(tmp_path / "ref.csv", labels)
+    write_csv(folder / "ref.csv", labels)
+
+
+def test_pair_the_reference_never_has_together(tmp_path):
+    write_reference_without_emphysema_and_nodule(tmp_path)
     spec = spec_from(
         {
             "joint": {"constraints": [{"both": ["Emphysema", "Lung nodule"], "count": 10}]},
@@ -440,9 +445,7 @@ def test_pair_the_reference_never_has_together(tmp_path):
 
 
 def test_raking_that_does_not_converge(tmp_path):
-    labels = rich_labels(500)
-    labels[labels[:, column("emphysema")] == 1, column("lung_nodule")] = 0
-    write_csv(tmp_path / "ref.csv", labels)
+    write_reference_without_emphysema_and_nodule(tmp_path)
     spec = spec_from(
         {
             "labels": {"Emphysema": {"prevalence": 0.7}, "Lung nodule": {"prevalence": 0.7}},
