@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ct-factory-installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo demo-model test lint format install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,25 @@ demo: $(STAMP)
 	$(BIN)/ctfactory plan cohorts/demo.yaml --out $(DEMO_OUT)/demo-plan.parquet --plot $(DEMO_OUT)/demo-plan.png
 	@echo "demo: phantom dataset and previews in $(DEMO_OUT)/phantom (docs/phantom.md);"
 	@echo "      the demo cohort's plan in $(DEMO_OUT)/demo-plan.parquet and .png (docs/cohort-spec.md)"
+
+# builtin:demo from scratch on CPU (about an hour on 2 cores; docs/training.md): phantom data,
+# then the VAE, the 3D CLIP and latent diffusion, each exported; the last step measures the
+# model, draws its prompt-pair pictures and writes it to factory/models/builtin/demo.
+DEMO_BUILD ?= build
+demo-model: $(STAMP)
+	$(BIN)/ctfactory phantom --n 192 --size 64 --seed 7 --out $(DEMO_BUILD)/demo-data --overwrite
+	$(BIN)/ctfactory phantom --n 32 --size 64 --seed 8 --split valid --out $(DEMO_BUILD)/demo-data --overwrite
+	# Large findings are rare at reference prevalence (2-4%): add 48 volumes with each.
+	for f in effusion cardiomegaly emphysema consolidation; do \
+	  $(BIN)/ctfactory phantom --n 48 --size 64 --seed 9 --finding $$f --split $$f \
+	    --out $(DEMO_BUILD)/demo-data --overwrite || exit 1; done
+	rm -rf $(DEMO_BUILD)/demo-runs $(DEMO_BUILD)/demo-data/latents
+	$(BIN)/ctfactory train vae --config train/configs/demo-vae.yaml --plot
+	$(BIN)/ctfactory export-model $(DEMO_BUILD)/demo-runs/demo-vae --out $(DEMO_BUILD)/demo-vae
+	$(BIN)/ctfactory train clip --config train/configs/demo-clip.yaml --plot
+	$(BIN)/ctfactory export-model $(DEMO_BUILD)/demo-runs/demo-clip --out $(DEMO_BUILD)/demo-clip
+	$(BIN)/ctfactory train diffusion --config train/configs/demo-diffusion.yaml --plot
+	$(BIN)/ctfactory export-model $(DEMO_BUILD)/demo-runs/demo-diffusion --out $(DEMO_BUILD)/demo-model --name demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

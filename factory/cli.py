@@ -1,8 +1,10 @@
 """The ``ctfactory`` command: one subcommand per capability, each in its own module.
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
-``func=run(args) -> int``. Bad input raises :class:`UsageError`, printed as one line naming the
-option and what is valid, with exit code 2 and no traceback.
+``func=run(args) -> int``. Packages built on ``factory`` (``train``, ``serve``) add their
+commands through the ``ctfactory.commands`` entry-point group: ``factory`` never imports
+them. Bad input raises :class:`UsageError`, printed as one line naming the option and what is
+valid, with exit code 2 and no traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
-# Command modules in the order ``ctfactory --help`` lists them.
+# Command modules in the order ``ctfactory --help`` lists them; plug-ins follow, by name.
 COMMAND_MODULES: tuple[str, ...] = (
     "factory.phantom.cli",
     "factory.cohort.cli",
 )
+PLUGIN_GROUP = "ctfactory.commands"
 
 
 class UsageError(Exception):
@@ -37,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        entry.load().register(sub)
     return parser
 
 

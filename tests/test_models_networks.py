@@ -80,13 +80,18 @@ def test_tiny_shapes_and_dtypes():
 
 
 def test_null_condition_and_dropout():
-    unet = TextConditionedUNet(TINY)
-    ctx = torch.randn(64, TINY.text.max_tokens, 384)
-    gen = torch.Generator().manual_seed(0)
-    dropped = unet.drop_condition(ctx, gen)
-    is_null = (dropped == unet.null_context(64)).flatten(1).all(1)
-    assert 1 <= int(is_null.sum()) <= 16  # p = 0.1 of 64 rows
-    assert torch.equal(dropped[~is_null], ctx[~is_null])
+    unet = TextConditionedUNet(TINY).eval()
+    drop = unet.drop_mask(64, torch.Generator().manual_seed(0))
+    assert 1 <= int(drop.sum()) <= 16  # p = 0.1 of 64 rows
+    x = torch.randn(4, TINY.latent_channels, 16, 16, 16)
+    t = torch.tensor([10, 10, 10, 10])
+    ctx = torch.randn(4, TINY.text.max_tokens, 384)
+    null = unet.null_context(4)
+    rows = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        out = unet(x, t, ctx, rows)
+        torch.testing.assert_close(out[rows], unet(x, t, null)[rows])
+        torch.testing.assert_close(out[~rows], unet(x, t, ctx)[~rows])
 
 
 def _fit(model, loss_fn, steps=8, lr=2e-3) -> tuple[float, float]:

@@ -7,6 +7,7 @@ Layout of a checkpoint directory::
     model_card.md            the ModelCard for people
     model_card.json          the same ModelCard for programs
     labels.csv               optional: the training labels in CT-RATE layout (reference: model)
+    images/*.png             optional: pictures the model card shows
     checksums.json           {"algorithm": "sha256", "files": {name: sha256}, "content_hash": ...}
 
 The content hash is the sha256 of the lines ``f"{name}\\t{sha256}\\n"`` (UTF-8) for every file
@@ -32,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -51,6 +53,7 @@ CARD_MARKDOWN = "model_card.md"
 CARD_JSON = "model_card.json"
 LABELS_FILE = "labels.csv"  # read by factory.cohort.reference for ``reference: model``
 CHECKSUMS_FILE = "checksums.json"
+IMAGES_DIR = "images"
 WEIGHTS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 BUILTIN_PREFIX = "builtin:"
@@ -264,8 +267,11 @@ def save_checkpoint(
     weights: Mapping[str, Mapping[str, torch.Tensor]],
     card: ModelCard,
     labels_csv: str | Path | None = None,
+    images: Mapping[str, bytes] | None = None,
 ) -> str:
     """Write a checkpoint directory atomically and return its content hash.
+
+    ``images`` maps PNG file names to their bytes, stored under ``images/`` for the card.
 
     Everything is written into a temporary sibling directory first and renamed into place, so
     ``directory`` holds either the old content or the complete new checkpoint. An existing
@@ -288,6 +294,9 @@ def save_checkpoint(
             f"{directory}: exists and is not a ct-factory checkpoint (no {CHECKSUMS_FILE} and "
             f"{CONFIG_FILE}); refusing to overwrite it: choose a new directory or remove it"
         )
+    bad = [n for n in images or {} if not re.fullmatch(r"[A-Za-z0-9_.-]+\.png", n)]
+    if bad:
+        raise CheckpointError(f"{directory}: image names must be plain NAME.png files: {bad}")
     if labels_csv is not None and not Path(labels_csv).is_file():
         raise CheckpointError(f"{directory}: labels_csv {labels_csv} is not a file")
     try:
@@ -309,6 +318,9 @@ def save_checkpoint(
         (tmp / CARD_JSON).write_text(card_json, encoding="utf-8")
         if labels_csv is not None:
             shutil.copyfile(labels_csv, tmp / LABELS_FILE)
+        for name, data in (images or {}).items():
+            (tmp / IMAGES_DIR).mkdir(exist_ok=True)
+            (tmp / IMAGES_DIR / name).write_bytes(data)
         files = {name: _sha256_file(tmp / name) for name in _listing(tmp)}
         digest = _hash_of(files)
         checksums = {"algorithm": "sha256", "files": files, "content_hash": digest}

@@ -40,7 +40,20 @@ class TextConditionedUNet(torch.nn.Module):
         else:
             self.register_buffer("null", null)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict from noisy latents; rows where ``drop`` is true see the null condition.
+
+        Dropping inside ``forward`` keeps the null parameter in every graph, as DDP requires.
+        """
+        if drop is not None:
+            null = self.null_context(x.shape[0]).to(context.dtype)
+            context = torch.where(drop[:, None, None], null, context)
         return self.unet(x, timesteps=t, context=context)
 
     def context(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -54,8 +67,6 @@ class TextConditionedUNet(torch.nn.Module):
         """The unconditional context, as long as a conditional one."""
         return self.null.expand(batch, self.cfg.text.max_tokens, -1)
 
-    def drop_condition(self, context: torch.Tensor, generator: torch.Generator | None = None):
-        """Training: replace each row by the null context with probability ``cond_dropout``."""
-        p = self.cfg.diffusion.cond_dropout
-        drop = torch.rand(context.shape[0], generator=generator, device=context.device) < p
-        return torch.where(drop[:, None, None], self.null_context(context.shape[0]), context)
+    def drop_mask(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training: which rows drop to the null condition (probability ``cond_dropout``)."""
+        return torch.rand(batch, generator=generator) < self.cfg.diffusion.cond_dropout

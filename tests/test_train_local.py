@@ -1,0 +1,229 @@
+"""Training without Ray: the per-worker functions on a LocalSession, and the loop's pieces."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from factory.models.checkpoint import ModelCard, save_checkpoint
+from train import clip, diffusion, vae
+from train.config import TrainConfigError, apply_overrides, parse_train_config, parse_workers
+from train.data import choose_texts, index_rows, load_row, structured
+from train.latents import encode_local
+from train.loop import EMA, accumulation, lr_factor, read_state, rng_for
+from train.session import LocalSession
+
+from .train_helpers import config, make_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("phantom"), n_train=8, n_valid=2)
+
+
+def _session(cfg, rows, run_dir):
+    return LocalSession(cfg, rows, lambda r: load_row(r, cfg.model), run_dir)
+
+
+class Stop(Exception):
+    """The process dies."""
+
+
+class StoppingSession(LocalSession):
+    """A local session whose process stops right after the checkpoint of step ``at``."""
+
+    def __init__(self, cfg, rows, run_dir, at: int):
+        super().__init__(cfg, rows, lambda r: load_row(r, cfg.model), run_dir)
+        self.at = at
+
+    def report(self, metrics, files):
+        super().report(metrics, files)
+        if metrics["step"] == self.at:
+            raise Stop
+
+
+def _run(module, cfg, session, rows, **extra):
+    module.train_func({"config": cfg.model_dump(mode="json"), "rows": rows, **extra}, session)
+    return session
+
+
+def _final_state(run_dir):
+    newest = sorted(run_dir.glob("checkpoint_*"))[-1]
+    return read_state((newest / "state.pt").read_bytes())
+
+
+# ---- config ------------------------------------------------------------------------------------
+def test_workers_and_overrides():
+    assert parse_workers("4") == (4, 4) and parse_workers("2-8") == (2, 8)
+    for bad in ("0", "3-2", "two", "1-"):
+        with pytest.raises(ValueError, match="workers"):
+            parse_workers(bad)
+    data = apply_overrides({"optim": {"lr": 1}}, ["optim.lr=3e-4", "workers=2-4", "x.y.z=[1, 2]"])
+    assert data == {"optim": {"lr": 3e-4}, "workers": "2-4", "x": {"y": {"z": [1, 2]}}}
+    with pytest.raises(TrainConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["novalue"])
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"optim": {"lr": -1}}, "optim.lr"),
+        ({"optim": {"learning_rate": 1}}, "optim.learning_rate"),
+        ({"steps": 0}, "steps"),
+        ({"workers": "3", "batch_size": 4}, "divisible"),
+        ({"workers": "2-3", "batch_size": 4}, r"not by \[3\]"),
+        ({"task": "gan"}, "task"),
+        ({"model": "nonexistent-preset"}, "model"),
+        ({"precision": "fp8"}, "precision"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, change, field):
+    data = {**config("vae", tmp_path, tmp_path), **change}
+    with pytest.raises(TrainConfigError, match=field):
+        parse_train_config(data, "cfg.yaml")
+
+
+def test_diffusion_needs_a_vae(tmp_path):
+    with pytest.raises(TrainConfigError, match=r"diffusion\.vae"):
+        parse_train_config(config("diffusion", tmp_path, tmp_path))
+
+
+# ---- loop pieces -------------------------------------------------------------------------------
+def test_global_batch_is_constant_across_world_sizes(tmp_path):
+    cfg = parse_train_config(config("vae", tmp_path, tmp_path, batch_size=16, micro_batch=4))
+    for world in (1, 2, 4, 8, 16):
+        micro, accum = accumulation(cfg, world)
+        assert micro * accum * world == 16 and micro <= 4
+
+
+def test_learning_rate_schedule(tmp_path):
+    cfg = parse_train_config(
+        config(
+            "vae", tmp_path, tmp_path, steps=100, optim={"warmup_steps": 10, "min_lr_ratio": 0.1}
+        )
+    )
+    factors = [lr_factor(cfg, s) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_step_generators_depend_only_on_their_coordinates():
+    a = torch.rand(4, generator=rng_for(3, 10, 0, 1))
+    assert torch.equal(a, torch.rand(4, generator=rng_for(3, 10, 0, 1)))
+    assert not torch.equal(a, torch.rand(4, generator=rng_for(3, 10, 1, 1)))
+    assert not torch.equal(a, torch.rand(4, generator=rng_for(3, 11, 0, 1)))
+
+
+def test_ema_tracks_with_warm_up():
+    state = {"w": torch.zeros(3), "n": torch.tensor(5)}
+    ema = EMA(state, decay=0.9)
+    assert "n" not in ema.shadow  # integer buffers are not averaged
+    ema.update({"w": torch.ones(3), "n": torch.tensor(5)})
+    first = ema.shadow["w"].clone()  # warm-up: decay 2/11, so the average moves fast
+    assert torch.allclose(first, torch.full((3,), 1 - 2 / 11))
+    merged = ema.apply_to({"w": torch.full((3,), 7.0), "n": torch.tensor(5)})
+    assert torch.equal(merged["w"], first) and int(merged["n"]) == 5
+
+
+def test_texts_are_seeded_and_mixed():
+    batch = {
+        "report": np.array(["Findings A. Impression A."] * 6),
+        "impression": np.array(["Impression A."] * 6),
+        "age": np.array([70] * 6),
+        "sex": np.array(["M"] * 6),
+    }
+    a = choose_texts(batch, "mixed", torch.Generator().manual_seed(0))
+    assert a == choose_texts(batch, "mixed", torch.Generator().manual_seed(0))
+    assert set(a) <= {
+        "Findings A. Impression A.",
+        "Impression A.",
+        "70 years old male: Impression A.",
+    }
+    assert choose_texts(batch, "report", torch.Generator()) == list(batch["report"])
+    assert structured("Normal.", -1, "") == "Normal."
+
+
+def test_clip_targets_identical_texts_as_positives():
+    target = clip.matching(["a", "b", "a"])
+    assert torch.allclose(target[0], torch.tensor([0.5, 0.0, 0.5]))
+    assert torch.allclose(target[1], torch.tensor([0.0, 1.0, 0.0]))
+    sim = torch.eye(3)
+    assert clip.recall_at(sim, 1) == 1.0
+    assert clip.recall_at(-sim, 1) == 0.0
+
+
+def test_vae_crops_are_seeded(dataset):
+    x = torch.arange(2 * 32**3, dtype=torch.float32).reshape(2, 1, 32, 32, 32)
+    a = vae.random_crop(x, (16, 16, 16), torch.Generator().manual_seed(1))
+    b = vae.random_crop(x, (16, 16, 16), torch.Generator().manual_seed(1))
+    assert a.shape == (2, 1, 16, 16, 16) and torch.equal(a, b)
+
+
+# ---- the per-worker functions, without Ray -----------------------------------------------------
+def test_vae_loss_goes_down_and_resume_is_exact(dataset, tmp_path):
+    rows = index_rows(dataset, "train", masks=False)[:4]
+    base = config("vae", dataset, tmp_path, steps=16, checkpoint_every=8, batch_size=4)
+    base["vae"] = {"crop": [16, 16, 16]}
+    cfg = parse_train_config(base)
+    whole = _run(vae, cfg, _session(cfg, rows, tmp_path / "whole"), len(rows))
+    losses = [r["loss"] for r in _final_state(tmp_path / "whole")["history"]]
+    assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])
+    assert {"eval/mae_hu", "eval/psnr_db"} <= set(whole.reports[-1])
+
+    # Stopped right after the step-8 checkpoint, then resumed: the same weights at step 16.
+    with pytest.raises(Stop):
+        _run(vae, cfg, StoppingSession(cfg, rows, tmp_path / "split", at=8), len(rows))
+    assert _final_state(tmp_path / "split")["meta"]["step"] == 8
+    _run(vae, cfg, _session(cfg, rows, tmp_path / "split"), len(rows))
+    a, b = _final_state(tmp_path / "whole"), _final_state(tmp_path / "split")
+    assert b["meta"]["restarts"] == 1 and b["meta"]["step"] == 16
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+
+
+def test_resume_refuses_another_task(dataset, tmp_path):
+    rows = index_rows(dataset, "train", masks=False)[:4]
+    cfg = parse_train_config(config("vae", dataset, tmp_path, steps=2))
+    _run(vae, cfg, _session(cfg, rows, tmp_path / "run"), len(rows))
+    other = parse_train_config(config("clip", dataset, tmp_path, steps=4))
+    with pytest.raises(ValueError, match="task 'vae', not 'clip'"):
+        _run(clip, other, _session(other, rows, tmp_path / "run"), len(rows))
+
+
+def test_clip_learns_pairs(dataset, tmp_path):
+    rows = index_rows(dataset, "train", masks=False)[:4]
+    base = config("clip", dataset, tmp_path, steps=12, checkpoint_every=12, batch_size=4)
+    base.update(micro_batch=4, data={"root": str(dataset), "held_out": "valid", "text": "report"})
+    cfg = parse_train_config(base)
+    session = _run(clip, cfg, _session(cfg, rows, tmp_path / "clip"), len(rows))
+    losses = [r["loss"] for r in _final_state(tmp_path / "clip")["history"]]
+    assert losses[-1] < 0.6 * losses[0]
+    assert 0.0 <= session.reports[-1]["eval/text_to_image_r1"] <= 1.0
+    state = _final_state(tmp_path / "clip")["model"]
+    assert not any(k.startswith("text.") for k in state)  # the frozen tower is not saved
+    assert set(clip.export_weights(state)) == {"clip"}
+
+
+def test_diffusion_learns_on_latents(dataset, tmp_path):
+    cfg_v = parse_train_config(config("vae", dataset, tmp_path, steps=1))
+    vae_dir = tmp_path / "vae-model"
+    model = vae.VAETask(cfg_v, torch.device("cpu")).model()
+    save_checkpoint(vae_dir, cfg_v.architecture(), {"vae": model.vae.state_dict()}, ModelCard("v"))
+    base = config("diffusion", dataset, tmp_path, steps=20, checkpoint_every=20, ema_decay=0.9)
+    base.update(diffusion={"vae": str(vae_dir)}, data={"root": str(dataset), "text": "mixed"})
+    cfg = parse_train_config(base)
+    rows = index_rows(dataset, "train", masks=True)[:4]
+    latents = encode_local(rows, str(vae_dir), cfg.model, cfg.architecture())
+    assert latents[0]["latent"].shape == (4 + 2, 8, 8, 8)  # image latents + lungs, heart
+    session = LocalSession(cfg, latents, lambda r: r, tmp_path / "diffusion")
+    _run(diffusion, cfg, session, len(latents), scale_factor=1.0)
+    state = _final_state(tmp_path / "diffusion")
+    losses = [r["loss"] for r in state["history"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert state["ema"]["updates"] == 20 and math.isfinite(losses[-1])

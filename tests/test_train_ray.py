@@ -1,0 +1,197 @@
+"""Training on a real local Ray cluster: 2 workers per task, exact resume after the driver is
+killed, recovery from a killed worker, checkpoints on an S3 API server, export and reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+import torch
+import yaml
+
+from factory.models.generator import Generator, Request
+from train.config import parse_train_config
+from train.export import export_model, latest_checkpoint
+from train.launcher import latest_meta, launch
+
+from .conftest import ctfactory_bin
+from .train_helpers import config, make_dataset
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("phantom"), n_train=8, n_valid=2)
+
+
+def _history(cfg) -> list[dict]:
+    return latest_checkpoint(cfg.run_url, cfg.storage_options)["history"]
+
+
+def test_every_task_on_two_workers_then_export_and_generate(cluster, dataset, tmp_path):
+    runs = tmp_path / "runs"
+    vae_cfg = parse_train_config(
+        config("vae", dataset, runs, workers="2", vae={"crop": [16, 16, 16]})
+    )
+    assert launch(vae_cfg).error is None
+    history = _history(vae_cfg)
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert {r["world_size"] for r in history} == {2}
+    assert "eval/mae_hu" in history[-1]
+    export_model(vae_cfg.run_url, tmp_path / "vae-model")
+
+    clip_cfg = parse_train_config(config("clip", dataset, runs, workers="2", steps=2))
+    assert launch(clip_cfg).error is None
+    assert "eval/text_to_image_r1" in _history(clip_cfg)[-1]
+    export_model(clip_cfg.run_url, tmp_path / "clip-model")
+
+    diff_cfg = parse_train_config(
+        config(
+            "diffusion",
+            dataset,
+            runs,
+            workers="2",
+            ema_decay=0.9,
+            diffusion={"vae": str(tmp_path / "vae-model"), "clip": str(tmp_path / "clip-model")},
+        )
+    )
+    assert launch(diff_cfg).error is None
+    sets = list((dataset / "latents").glob("*/complete.json"))
+    assert len(sets) == 1 and json.loads(sets[0].read_text())["rows"] == 8
+    assert (runs / "diffusion" / "metrics.jsonl").read_text().count("\n") == 4
+
+    export_model(diff_cfg.run_url, tmp_path / "model", name="test")
+    generator = Generator.load(str(tmp_path / "model"), device="cpu")
+    scale = generator.config.vae.scale_factor
+    assert scale == pytest.approx(1 / json.loads(sets[0].read_text())["std"])
+    (volume,) = generator.generate([Request("Pleural effusion.", seed=3, steps=2)])
+    assert volume.hu.shape == (32, 32, 32) and volume.hu.dtype == np.int16
+    assert set(volume.masks) == {"lungs", "heart"}
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card["steps"] == 4 and card["extra"]["sources"]["vae"]["hash"]
+    assert (tmp_path / "model" / "clip.safetensors").is_file()
+    assert (tmp_path / "model" / "labels.csv").read_text().count("\n") == 9
+
+
+def test_resume_after_the_driver_dies_matches_an_uninterrupted_run(cluster, dataset, tmp_path):
+    settings = {"workers": "2", "steps": 9, "checkpoint_every": 3, "vae": {"crop": [16, 16, 16]}}
+    whole = parse_train_config(config("vae", dataset, tmp_path, name="whole", **settings))
+    assert launch(whole).error is None
+
+    # The same run as a CLI process on this cluster, killed after its step-3 checkpoint
+    # (mid-epoch: 2 steps make an epoch here), then resumed in-process.
+    data = config("vae", dataset, tmp_path, name="split", **settings)
+    (tmp_path / "split.yaml").write_text(yaml.safe_dump(data))
+    env = {**os.environ, "RAY_ADDRESS": cluster}
+    proc = subprocess.Popen(
+        [*ctfactory_bin(), "train", "vae", "--config", str(tmp_path / "split.yaml")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    split = parse_train_config(data)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest_meta(split) or {}).get("step"):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = latest_meta(split)["step"]
+    assert 3 <= stopped_at < 9
+    assert launch(split, resume=True).error is None
+
+    a = latest_checkpoint(whole.run_url)
+    b = latest_checkpoint(split.run_url)
+    assert b["meta"]["step"] == 9 and b["meta"]["restarts"] >= 1
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+
+
+def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int]) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and latest_meta(cfg) is None:
+        time.sleep(0.2)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            killed.append(proc.info["pid"])
+            return
+
+
+def test_a_killed_worker_is_replaced_and_training_restores(cluster, dataset, tmp_path):
+    cfg = parse_train_config(
+        config(
+            "vae",
+            dataset,
+            tmp_path,
+            workers="2",
+            steps=8,
+            checkpoint_every=2,
+            max_failures=2,
+            vae={"crop": [16, 16, 16]},
+        )
+    )
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed))
+    killer.start()
+    result = launch(cfg)
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    assert result.error is None
+    final = latest_checkpoint(cfg.run_url)
+    assert final["meta"]["step"] == 8 and final["meta"]["restarts"] >= 1
+    assert [r["step"] for r in final["history"]] == list(range(1, 9))
+
+
+@pytest.fixture
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    import s3fs
+
+    s3fs.S3FileSystem(**options).mkdir("runs-bucket")
+    yield options
+    server.stop()
+
+
+def test_elastic_range_with_checkpoints_on_s3(cluster, dataset, tmp_path, s3):
+    cfg = parse_train_config(
+        config(
+            "vae",
+            dataset,
+            "s3://runs-bucket/team",
+            storage_options=s3,
+            workers="1-2",
+            vae={"crop": [16, 16, 16]},
+        )
+    )
+    assert launch(cfg).error is None
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3)
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls("runs-bucket/team/vae")]
+    checkpoints = [n for n in names if n.startswith("checkpoint_") and not n.endswith(".json")]
+    assert "metrics.jsonl" in names and len(checkpoints) == 2
+    history = _history(cfg)
+    assert history[-1]["step"] == 4 and {r["world_size"] for r in history} <= {1, 2}
+    export_model(cfg.run_url, tmp_path / "vae-model", storage_options=s3)
+    assert (tmp_path / "vae-model" / "vae.safetensors").is_file()

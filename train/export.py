@@ -1,0 +1,130 @@
+"""From a training run to a model checkpoint (``factory.models.checkpoint`` format).
+
+The newest checkpoint of the run gives the weights (the EMA when the run kept one), the
+config and the history; a diffusion run adds the VAE it trained on (whose latent scale factor
+it records) and, when its config names one, the CLIP. The model card states the data, steps,
+wall time and final metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import uuid
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+
+from factory.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from train import clip, diffusion, vae
+from train.config import TrainConfig
+from train.loop import EMA, META_FILE, STATE_FILE, read_state
+
+EXPORTS = {
+    "vae": vae.export_weights,
+    "clip": clip.export_weights,
+    "diffusion": diffusion.export_weights,
+}
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported; the message names the run and what is missing."""
+
+
+def latest_checkpoint(run: str, storage_options: dict | None = None) -> dict:
+    """The state of the newest checkpoint (highest step) under a run URL or directory."""
+    try:
+        fs, path = fsspec.core.url_to_fs(run, **(storage_options or {}))
+    except Exception as exc:
+        raise ExportError(f"{run}: cannot open: {exc}") from None
+    metas = fs.glob(f"{path.rstrip('/')}/checkpoint_*/{META_FILE}")
+    if not metas:
+        raise ExportError(f"{run}: no checkpoints (checkpoint_*/{META_FILE}); is it a run?")
+    best = max(metas, key=lambda m: json.loads(fs.cat_file(m))["step"])
+    return read_state(fs.cat_file(best.rsplit("/", 1)[0] + "/" + STATE_FILE))
+
+
+def final_metrics(history: list[dict], window: int = 20) -> dict[str, float]:
+    """The mean loss of the last ``window`` steps and the latest value of each eval metric."""
+    if not history:
+        return {}
+    out = {"loss": statistics.fmean(r["loss"] for r in history[-window:])}
+    for record in history:
+        out.update({k: v for k, v in record.items() if k.startswith("eval/")})
+    return out
+
+
+def training_labels(cfg: TrainConfig, scratch: Path) -> Path | None:
+    """The training splits' label CSVs as one (the model's ``labels.csv``, the reference a
+    cohort spec's ``reference: model`` matches), in a scratch file; None if any is missing."""
+    frames = []
+    for split in cfg.data.split:
+        path = Path(cfg.data.root) / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
+        if not path.is_file():
+            return None
+        frames.append(pd.read_csv(path))
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = scratch / f".labels-{uuid.uuid4().hex[:8]}.csv"
+    pd.concat(frames).to_csv(target, index=False)
+    return target
+
+
+def export_model(
+    run: str, out: str | Path, name: str | None = None, storage_options: dict | None = None
+) -> str:
+    """Write the run's model to ``out``; returns the checkpoint's content hash."""
+    state = latest_checkpoint(run, storage_options)
+    meta = state["meta"]
+    cfg = TrainConfig.model_validate(meta["config"])
+    model = cfg.architecture()
+    weights = state["model"]
+    if state.get("ema") is not None:
+        ema = EMA(weights, cfg.ema_decay or 0.5)
+        ema.load_state_dict(state["ema"])
+        weights = ema.apply_to(weights)
+    networks = EXPORTS[cfg.task](weights)
+    sources = {}
+    labels = None
+    if cfg.task == "diffusion":
+        scale = float(meta["extra"]["scale_factor"])
+        model = model.model_copy(
+            update={"vae": model.vae.model_copy(update={"scale_factor": scale})}
+        )
+        vae_ckpt = load_checkpoint(cfg.diffusion.vae)
+        networks["vae"] = vae_ckpt.state_dict("vae")
+        sources["vae"] = {
+            "ref": cfg.diffusion.vae,
+            "hash": vae_ckpt.hash,
+            "steps": vae_ckpt.card.steps,
+        }
+        if cfg.diffusion.clip:
+            clip_ckpt = load_checkpoint(cfg.diffusion.clip)
+            networks.update({k: v for k, v in clip_ckpt.weights.items() if k in ("clip", "text")})
+            sources["clip"] = {"ref": cfg.diffusion.clip, "hash": clip_ckpt.hash}
+        labels = training_labels(cfg, Path(out).parent)
+    history = state["history"]
+    rows = meta["extra"].get("latents", {})
+    card = ModelCard(
+        name=name or f"{cfg.run_name}",
+        description=f"ct-factory {cfg.task} model ({cfg.model} config), trained by `ctfactory "
+        f"train {cfg.task}`.",
+        training_data=f"{cfg.data.root}, split(s) {', '.join(cfg.data.split)} (CT-RATE layout)",
+        steps=int(meta["step"]),
+        metrics=final_metrics(history),
+        extra={
+            "task": cfg.task,
+            "wall_s": round(float(meta["wall_s"]), 1),
+            "global_batch": cfg.batch_size,
+            "world_sizes": sorted({int(r["world_size"]) for r in history}),
+            "ema_decay": cfg.ema_decay,
+            "optim": cfg.optim.model_dump(mode="json"),
+            "sources": sources,
+            "latents": rows,
+        },
+    )
+    try:
+        return save_checkpoint(out, model, networks, card, labels)
+    finally:
+        if labels is not None:
+            labels.unlink()

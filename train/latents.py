@@ -1,0 +1,182 @@
+"""Latents for diffusion training, encoded once by the frozen VAE in a Ray Data job and stored
+next to the dataset, named by the VAE's content hash.
+
+Layout: ``{root}/latents/{splits}-{vae_hash[:16]}/data/*.parquet`` (one row per volume: the
+latent (C, x, y, z) with anatomy channels appended when the model has them, text, labels)
+and ``complete.json`` (hash, rows, image-latent mean and std, scale factor), written last: a
+set without it is incomplete and is encoded again. Latents are stored unscaled; the scale
+factor (1 / std, as latent diffusion does) is applied by training and recorded in the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from factory.models.checkpoint import CheckpointError, load_checkpoint
+from factory.models.config import ModelConfig
+from factory.models.intensity import mask_to_latent
+from factory.models.vae import LatentCodec, build_vae
+from train.data import TEXT_COLUMNS, load_row
+
+COMPLETE = "complete.json"
+
+
+@dataclass(frozen=True)
+class LatentSet:
+    """A finished latent set: where its Parquet files are and what made them."""
+
+    path: Path
+    vae_hash: str
+    rows: int
+    mean: float
+    std: float
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def scale_factor(self) -> float:
+        return 1.0 / self.std
+
+
+def vae_codec(vae_ref: str, model: ModelConfig) -> tuple[LatentCodec, str]:
+    """The VAE of a checkpoint as a codec that returns unscaled latents, and its hash; refuses a
+    VAE whose architecture differs from ``model``'s."""
+    checkpoint = load_checkpoint(vae_ref)
+    theirs = checkpoint.config.vae.model_copy(update={"scale_factor": 1.0, "decode_slab": 0})
+    ours = model.vae.model_copy(update={"scale_factor": 1.0, "decode_slab": 0})
+    if theirs != ours or checkpoint.config.size != model.size:
+        raise CheckpointError(
+            f"diffusion.vae: {vae_ref} was trained for another model (vae {theirs}, size "
+            f"{checkpoint.config.size}); this model needs vae {ours}, size {model.size}"
+        )
+    vae = build_vae(ours)
+    vae.load_state_dict(checkpoint.state_dict("vae"))
+    return LatentCodec(vae, ours).eval(), checkpoint.hash
+
+
+class LatentEncoder:
+    """Ray Data callable: a batch of index rows -> rows with ``latent`` and its statistics."""
+
+    def __init__(self, vae_ref: str, model: str, model_config: dict):
+        self.model = model
+        self.config = ModelConfig.model_validate(model_config)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.codec, _ = vae_codec(vae_ref, self.config)
+        self.codec.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["name"])
+        rows = [load_row({k: v[i] for k, v in batch.items()}, self.model) for i in range(n)]
+        image = torch.as_tensor(np.stack([r["image"] for r in rows])).to(self.device)
+        latent = self.codec.encode(image).float()
+        stats = latent.flatten(1)
+        channels = self.config.diffusion.anatomy_channels
+        if channels:
+            masks = torch.as_tensor(np.stack([r["anatomy"] for r in rows])).to(self.device)
+            latent = torch.cat([latent, mask_to_latent(masks, self.config.vae.factor)], dim=1)
+        out = {k: np.asarray([r[k] for r in rows]) for k in TEXT_COLUMNS}
+        out["labels"] = np.stack([r["labels"] for r in rows])
+        out["latent"] = latent.cpu().numpy().astype(np.float32)
+        out["sum"] = stats.sum(1).double().cpu().numpy()
+        out["sumsq"] = stats.pow(2).sum(1).double().cpu().numpy()
+        out["count"] = np.full(n, stats.shape[1], dtype=np.int64)
+        return out
+
+
+def latent_dir(root: str | Path, splits: Sequence[str], vae_hash: str) -> Path:
+    return Path(root) / "latents" / f"{'+'.join(splits)}-{vae_hash[:16]}"
+
+
+def existing(path: Path, vae_hash: str) -> LatentSet | None:
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    if info.get("vae_hash") != vae_hash:
+        return None
+    return LatentSet(path, vae_hash, info["rows"], info["mean"], info["std"])
+
+
+def finish(tmp: Path, target: Path, vae_hash: str, sums: dict[str, float]) -> LatentSet:
+    """Record the statistics and move a fully written set into place."""
+    count = sums["count"]
+    mean = sums["sum"] / count
+    std = float(np.sqrt(max(sums["sumsq"] / count - mean**2, 1e-12)))
+    info = {"vae_hash": vae_hash, "rows": int(sums["rows"]), "mean": mean, "std": std}
+    info["scale_factor"] = 1.0 / std
+    (tmp / COMPLETE).write_text(json.dumps(info, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return LatentSet(target, vae_hash, info["rows"], mean, std)
+
+
+def encode_local(rows: list[dict], vae_ref: str, model: str, config: ModelConfig) -> list[dict]:
+    """The same encoding in this process (tests, small sets): one latent row per index row."""
+    from train.session import collate
+
+    encoder = LatentEncoder(vae_ref, model, config.model_dump(mode="json"))
+    out = []
+    for start in range(0, len(rows), 4):
+        batch = encoder(collate(rows[start : start + 4]))
+        out += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["name"]))]
+    return out
+
+
+def precompute(
+    rows: list[dict],
+    root: str,
+    splits: Sequence[str],
+    vae_ref: str,
+    model: str,
+    config: ModelConfig,
+    workers: int = 1,
+    use_gpu: bool = False,
+) -> LatentSet:
+    """Encode ``rows`` with a pool of VAE actors, unless a complete set for this VAE exists."""
+    import pyarrow.parquet as pq
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    _, vae_hash = vae_codec(vae_ref, config)
+    target = latent_dir(root, splits, vae_hash)
+    found = existing(target, vae_hash)
+    if found is not None and found.rows == len(rows):
+        print(f"latents: reusing {target} ({found.rows} volumes, VAE {vae_hash[:12]})", flush=True)
+        return found
+    print(f"latents: encoding {len(rows)} volumes with VAE {vae_hash[:12]} -> {target}", flush=True)
+    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 4, 64)))
+        ds = ds.map_batches(
+            LatentEncoder,
+            fn_constructor_kwargs={
+                "vae_ref": vae_ref,
+                "model": model,
+                "model_config": config.model_dump(mode="json"),
+            },
+            batch_size=4,
+            compute=ActorPoolStrategy(size=workers),
+            num_cpus=0 if use_gpu else 1,
+            num_gpus=1 if use_gpu else 0,
+        )
+        ds.write_parquet(str(tmp / "data"))
+        table = pq.read_table(tmp / "data", columns=["sum", "sumsq", "count"])
+        sums = {k: float(np.sum(table[k].to_numpy())) for k in ("sum", "sumsq", "count")}
+        sums["rows"] = table.num_rows
+        if table.num_rows != len(rows):
+            raise RuntimeError(f"latents: wrote {table.num_rows} rows for {len(rows)} volumes")
+        return finish(tmp, target, vae_hash, sums)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""The one launcher: a training config in, a Ray Train ``TorchTrainer`` run out.
+
+It checks everything it can before starting workers (storage writable, resume allowed, data
+in CT-RATE layout, latents ready), builds the Ray Data pipeline each worker streams its shard
+from, and hands the task's per-worker function to ``TorchTrainer`` with elastic scaling,
+failure handling and checkpoint retention. A run is ``{storage}/{name}``; running the same
+config again with ``--resume`` continues it from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from train import clip, diffusion, vae
+from train.config import TrainConfig, parse_workers
+from train.data import index_rows, load_row
+from train.loop import META_FILE, check_resumable
+
+TRAIN_FUNCS: dict[str, Callable] = {
+    "vae": vae.train_func,
+    "clip": clip.train_func,
+    "diffusion": diffusion.train_func,
+}
+
+
+class LaunchError(ValueError):
+    """A run that cannot start; the message names the option, file or URL."""
+
+
+def run_fs(cfg: TrainConfig):
+    """The fsspec filesystem and path of the run directory."""
+    try:
+        return fsspec.core.url_to_fs(cfg.run_url, **cfg.storage_options)
+    except Exception as exc:
+        raise LaunchError(f"storage {cfg.storage}: cannot open: {exc}") from None
+
+
+def check_writable(cfg: TrainConfig) -> None:
+    """Write and delete a probe file in the run directory, or fail naming the URL."""
+    fs, path = run_fs(cfg)
+    probe = f"{path}/.write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm(probe)
+    except Exception as exc:
+        raise LaunchError(f"storage {cfg.run_url}: cannot write there: {exc}") from None
+
+
+def latest_meta(cfg: TrainConfig) -> dict | None:
+    """The meta of the run's newest checkpoint (highest step), if any."""
+    fs, path = run_fs(cfg)
+    metas = []
+    for found in fs.glob(f"{path}/checkpoint_*/{META_FILE}"):
+        try:
+            metas.append(json.loads(fs.cat_file(found)))
+        except (OSError, ValueError):
+            continue  # a checkpoint being written or damaged: Ray Train skips it too
+    return max(metas, key=lambda m: m["step"]) if metas else None
+
+
+def check_run(cfg: TrainConfig, resume: bool) -> dict | None:
+    """Refuse to overwrite a run, to resume nothing, or to resume another task or config."""
+    fs, path = run_fs(cfg)
+    meta = latest_meta(cfg)
+    started = fs.exists(path) and any(
+        not p.rsplit("/", 1)[-1].startswith(".") for p in fs.ls(path, detail=False)
+    )
+    if not resume and started:
+        raise LaunchError(
+            f"run {cfg.run_url} already exists: pass --resume to continue it, or choose another "
+            "--name (nothing was changed)"
+        )
+    if resume and meta is None:
+        raise LaunchError(f"--resume: no checkpoint to resume in {cfg.run_url}")
+    if meta is not None:
+        try:
+            check_resumable(meta, cfg, f"{cfg.run_url} (step {meta['step']})")
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+    return meta
+
+
+def init_ray(workers: int) -> None:
+    """Connect to ``RAY_ADDRESS`` or start a local cluster with spare logical CPUs (an actor
+    pool or trainer that takes every CPU would starve Ray Data's read tasks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2)
+
+
+def check_data(cfg: TrainConfig) -> list[dict]:
+    """The index rows, after reading the split CSVs and preprocessing the first volume here,
+    so that a dataset that is not CT-RATE layout or not CT fails before any worker starts."""
+    masks = cfg.task == "diffusion" and bool(cfg.architecture().diffusion.anatomy_channels)
+    rows = index_rows(cfg.data.root, cfg.data.split, masks=masks)
+    load_row(rows[0], cfg.model)
+    return rows
+
+
+def build_dataset(cfg: TrainConfig, rows: list[dict], use_gpu: bool):
+    """The Ray Dataset every worker streams a shard of, its length and the task's extras."""
+    import ray
+
+    model = cfg.architecture()
+    if cfg.task != "diffusion":
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 4, 256)))
+        ds = ds.map(load_row, fn_kwargs={"model": cfg.model}, num_cpus=0.5)
+        return ds, len(rows), {}
+    from train.latents import precompute
+
+    latents = precompute(
+        rows,
+        cfg.data.root,
+        cfg.data.split,
+        cfg.diffusion.vae,
+        cfg.model,
+        model,
+        cfg.diffusion.latent_workers,
+        use_gpu,
+    )
+    columns = ["latent", "report", "impression", "age", "sex", "name"]
+    ds = ray.data.read_parquet(str(latents.data), columns=columns)
+    extra = {
+        "scale_factor": latents.scale_factor,
+        "latents": {"path": str(latents.path), "vae_hash": latents.vae_hash},
+    }
+    return ds, latents.rows, extra
+
+
+def launch(cfg: TrainConfig, resume: bool = False):
+    """Check, then train; returns Ray Train's ``Result``."""
+    import pyarrow.fs
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    check_writable(cfg)
+    check_run(cfg, resume)
+    index = check_data(cfg)
+    lo, hi = parse_workers(cfg.workers)
+    init_ray(hi)
+    use_gpu = cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    dataset, rows, extra = build_dataset(cfg, index, use_gpu)
+
+    fs, path = run_fs(cfg)
+    local = isinstance(fs, LocalFileSystem)
+    storage_path = os.path.dirname(path) if local else path.rsplit("/", 1)[0]
+    filesystem = None
+    if not local:
+        filesystem = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    trainer = TorchTrainer(
+        TRAIN_FUNCS[cfg.task],
+        train_loop_config={"config": cfg.model_dump(mode="json"), "rows": rows, **extra},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=lo if lo == hi else (lo, hi), use_gpu=use_gpu
+        ),
+        datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(
+            execution_options=ExecutionOptions(preserve_order=True)
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep),
+        ),
+    )
+    return trainer.fit()
