@@ -8,18 +8,17 @@ wall time and final metrics.
 
 from __future__ import annotations
 
-import json
 import statistics
 import uuid
 from pathlib import Path
 
-import fsspec
 import pandas as pd
 
 from factory.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from train import clip, diffusion, vae
 from train.config import TrainConfig
-from train.loop import EMA, META_FILE, STATE_FILE, read_state
+from train.loop import EMA, META_FILE
+from train.session import newest_state
 
 EXPORTS = {
     "vae": vae.export_weights,
@@ -33,16 +32,14 @@ class ExportError(ValueError):
 
 
 def latest_checkpoint(run: str, storage_options: dict | None = None) -> dict:
-    """The state of the newest checkpoint (highest step) under a run URL or directory."""
+    """The state of the newest complete checkpoint (highest step) under a run URL or directory."""
     try:
-        fs, path = fsspec.core.url_to_fs(run, **(storage_options or {}))
+        state = newest_state(run, storage_options or {})
     except Exception as exc:
-        raise ExportError(f"{run}: cannot open: {exc}") from None
-    metas = fs.glob(f"{path.rstrip('/')}/checkpoint_*/{META_FILE}")
-    if not metas:
+        raise ExportError(f"{run}: cannot read: {exc}") from None
+    if state is None:
         raise ExportError(f"{run}: no checkpoints (checkpoint_*/{META_FILE}); is it a run?")
-    best = max(metas, key=lambda m: json.loads(fs.cat_file(m))["step"])
-    return read_state(fs.cat_file(best.rsplit("/", 1)[0] + "/" + STATE_FILE))
+    return state
 
 
 def final_metrics(history: list[dict], window: int = 20) -> dict[str, float]:
