@@ -14,11 +14,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from factory.cohort.prompts import SEX_WORDS
 from factory.data.ctrate import DatasetError, Record, read_split
 from factory.data.transforms import preprocessing, sample
 from factory.models.config import load_config
 
-SEX_WORDS = {"M": "male", "F": "female"}
 TEXT_COLUMNS = ("name", "report", "impression", "age", "sex")
 
 

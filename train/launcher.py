@@ -9,7 +9,6 @@ config again with ``--resume`` continues it from its latest checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Callable
@@ -20,7 +19,8 @@ from fsspec.implementations.local import LocalFileSystem
 from train import clip, diffusion, vae
 from train.config import TrainConfig, parse_workers
 from train.data import index_rows, load_row
-from train.loop import META_FILE, check_resumable
+from train.loop import check_resumable
+from train.session import checkpoint_metas
 
 TRAIN_FUNCS: dict[str, Callable] = {
     "vae": vae.train_func,
@@ -55,14 +55,9 @@ def check_writable(cfg: TrainConfig) -> None:
 
 def latest_meta(cfg: TrainConfig) -> dict | None:
     """The meta of the run's newest checkpoint (highest step), if any."""
-    fs, path = run_fs(cfg)
-    metas = []
-    for found in fs.glob(f"{path}/checkpoint_*/{META_FILE}"):
-        try:
-            metas.append(json.loads(fs.cat_file(found)))
-        except (OSError, ValueError):
-            continue  # a checkpoint being written or damaged: Ray Train skips it too
-    return max(metas, key=lambda m: m["step"]) if metas else None
+    run_fs(cfg)  # a clear error for storage that cannot be opened
+    found = checkpoint_metas(cfg.run_url, cfg.storage_options)
+    return found[0][0] if found else None
 
 
 def check_run(cfg: TrainConfig, resume: bool) -> dict | None:

@@ -43,16 +43,23 @@ def write_url(url: str, data: bytes, storage_options: dict) -> None:
     fs.pipe_file(path, data)
 
 
-def newest_state(run_url: str, storage_options: dict) -> dict | None:
-    """The newest checkpoint under a run that loads completely (a partial upload is skipped)."""
+def checkpoint_metas(run_url: str, storage_options: dict) -> list[tuple[dict, str]]:
+    """(meta, directory) of every readable checkpoint under a run, newest (highest step) first;
+    a checkpoint still being written or damaged is skipped, as Ray Train skips it."""
     fs, path = fsspec.core.url_to_fs(run_url, **storage_options)
     found = []
     for meta in fs.glob(f"{path}/{CHECKPOINT_PREFIX}*/{META_FILE}"):
         try:
-            found.append((json.loads(fs.cat_file(meta))["step"], meta.rsplit("/", 1)[0]))
-        except (OSError, ValueError, KeyError):
+            found.append((json.loads(fs.cat_file(meta)), meta.rsplit("/", 1)[0]))
+        except (OSError, ValueError):
             continue
-    for _, directory in sorted(found, reverse=True):
+    return sorted(found, key=lambda item: item[0].get("step", -1), reverse=True)
+
+
+def newest_state(run_url: str, storage_options: dict) -> dict | None:
+    """The newest checkpoint under a run that loads completely (a partial upload is skipped)."""
+    fs, _ = fsspec.core.url_to_fs(run_url, **storage_options)
+    for _, directory in checkpoint_metas(run_url, storage_options):
         try:
             return read_state(fs.cat_file(f"{directory}/{STATE_FILE}"))
         except Exception:  # truncated or still uploading: try the next older one
