@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ctfactory phantom --n 8 --size 64 --seed 0 --out $(DEMO_OUT)/phantom --preview --overwrite
 	$(BIN)/ctfactory plan cohorts/demo.yaml --out $(DEMO_OUT)/demo-plan.parquet --plot $(DEMO_OUT)/demo-plan.png
-	@echo "demo: phantom dataset and previews in $(DEMO_OUT)/phantom (docs/phantom.md);"
-	@echo "      the demo cohort's plan in $(DEMO_OUT)/demo-plan.parquet and .png (docs/cohort-spec.md)"
+	$(BIN)/ctfactory generate cohorts/demo.yaml --out $(DEMO_OUT)/cohort
+	$(BIN)/ctfactory verify $(DEMO_OUT)/cohort
+	@echo "demo: the cohort (Zarr + Parquet manifest) is in $(DEMO_OUT)/cohort, its report and QC"
+	@echo "      montage in $(DEMO_OUT)/cohort/report (docs/factory.md); its plan in"
+	@echo "      $(DEMO_OUT)/demo-plan.png (docs/cohort-spec.md); phantoms in $(DEMO_OUT)/phantom"
 
 # builtin:demo from scratch on CPU (about an hour on 2 cores; docs/training.md): phantom data,
 # then the VAE, the 3D CLIP and latent diffusion, each exported; the last step measures the
@@ -41,6 +44,8 @@ demo-model: $(STAMP)
 	$(BIN)/ctfactory export-model $(DEMO_BUILD)/demo-runs/demo-clip --out $(DEMO_BUILD)/demo-clip
 	$(BIN)/ctfactory train diffusion --config train/configs/demo-diffusion.yaml --plot
 	$(BIN)/ctfactory export-model $(DEMO_BUILD)/demo-runs/demo-diffusion --out $(DEMO_BUILD)/demo-model --name demo
+	$(BIN)/python -m train.demo_card $(DEMO_BUILD)/demo-model --data $(DEMO_BUILD)/demo-data \
+	  --out factory/models/builtin/demo --docs-images docs/images/models
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,6 +19,8 @@ from importlib.metadata import entry_points
 COMMAND_MODULES: tuple[str, ...] = (
     "factory.phantom.cli",
     "factory.cohort.cli",
+    "factory.generate",
+    "factory.store.cli",
 )
 PLUGIN_GROUP = "ctfactory.commands"
 

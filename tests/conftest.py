@@ -1,4 +1,4 @@
-"""Shared test helpers: run the real ``ctfactory`` console script."""
+"""Shared test helpers: run the real ``ctfactory`` console script; one local Ray cluster."""
 
 from __future__ import annotations
 
@@ -34,3 +34,17 @@ def run_cli():
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A real local Ray cluster for the whole session (4 logical CPUs on 2 cores); returns its
+    address, which CLI subprocesses join through RAY_ADDRESS. Store writes retry 4 times
+    (about 8 s) in its workers instead of 10, so that a persistent fault fails quickly."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["CTFACTORY_WRITE_RETRIES"] = "4"
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

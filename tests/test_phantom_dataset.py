@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from factory import vocab
-from factory.phantom.dataset import METADATA_COLUMNS, REPORT_COLUMNS
+from factory.data.ctrate import METADATA_COLUMNS
+from factory.data.ctrate import REPORT_TABLE_COLUMNS as REPORT_COLUMNS
 
 N = 4
 

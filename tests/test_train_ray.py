@@ -13,7 +13,6 @@ import time
 import numpy as np
 import psutil
 import pytest
-import ray
 import torch
 import yaml
 
@@ -24,14 +23,6 @@ from train.launcher import latest_meta, launch
 
 from .conftest import ctfactory_bin
 from .train_helpers import config, make_dataset
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

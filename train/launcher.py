@@ -16,6 +16,7 @@ from collections.abc import Callable
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from factory.raycluster import init_ray
 from train import clip, diffusion, vae
 from train.config import TrainConfig, parse_workers
 from train.data import index_rows, load_row
@@ -80,19 +81,6 @@ def check_run(cfg: TrainConfig, resume: bool) -> dict | None:
         except ValueError as exc:
             raise LaunchError(str(exc)) from None
     return meta
-
-
-def init_ray(workers: int) -> None:
-    """Connect to ``RAY_ADDRESS`` or start a local cluster with spare logical CPUs (an actor
-    pool or trainer that takes every CPU would starve Ray Data's read tasks)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2)
 
 
 def check_data(cfg: TrainConfig) -> list[dict]:

@@ -45,6 +45,19 @@ PLAN_HASH_KEY = b"ctfactory.plan_hash"
 SPEC_KEY = b"ctfactory.spec"
 REFERENCE_KEY = b"ctfactory.reference"
 
+# One row per volume; the cohort store's manifest starts with the same columns.
+PLAN_FIELDS: list[pa.Field] = [
+    pa.field("volume_id", pa.string()),
+    pa.field("index", pa.int64()),
+    *(pa.field(c, pa.uint8()) for c in vocab.COLUMNS),
+    pa.field("attributes", pa.string()),  # JSON: {finding id: {attribute: value}}
+    pa.field("age", pa.int16()),
+    pa.field("sex", pa.string()),
+    pa.field("profile", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("seed", pa.int64()),
+]
+
 # Named random streams of the cohort seed: each choice has its own, so changing one part of a
 # spec (say, an attribute) does not reshuffle the others.
 _PROFILES, _CELLS, _BERNOULLI, _ORDER, _SEX, _AGE, _ATTRIBUTES = range(7)
@@ -103,16 +116,6 @@ class Plan:
 
     def schema(self) -> pa.Schema:
         """The Parquet schema, with the plan hash, canonical spec and reference in metadata."""
-        columns = [pa.field("volume_id", pa.string()), pa.field("index", pa.int64())]
-        columns += [pa.field(c, pa.uint8()) for c in vocab.COLUMNS]
-        columns += [
-            pa.field("attributes", pa.string()),
-            pa.field("age", pa.int16()),
-            pa.field("sex", pa.string()),
-            pa.field("profile", pa.string()),
-            pa.field("prompt", pa.string()),
-            pa.field("seed", pa.int64()),
-        ]
         reference = {
             "description": self.reference.description,
             "size": self.reference.size,
@@ -123,7 +126,7 @@ class Plan:
             SPEC_KEY: self.spec.canonical_json().encode(),
             REFERENCE_KEY: json.dumps(reference, sort_keys=True).encode(),
         }
-        return pa.schema(columns, metadata=metadata)
+        return pa.schema(PLAN_FIELDS, metadata=metadata)
 
     @cached_property
     def _present(self) -> list[np.ndarray]:
@@ -174,17 +177,19 @@ class Plan:
             ]
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
-    def write(self, path: str) -> None:
+    def write(self, path: str, storage_options: dict | None = None) -> None:
         """Write the plan as Parquet (zstd, one row group per batch); same spec, same bytes.
 
         A local file is written next to its destination and renamed into place, so a failed
-        run leaves any earlier plan intact; fsspec URLs (s3://...) are written directly.
+        run leaves any earlier plan intact; fsspec URLs (s3://...) are written directly (an
+        object appears whole or not at all), with ``storage_options`` for the filesystem.
         """
         schema = self.schema()
         if "://" in path:
             import fsspec
 
-            with fsspec.open(path, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
+            opened = fsspec.open(path, "wb", **(storage_options or {}))
+            with opened as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
                 for batch in self.batches():
                     w.write_batch(batch)
             return

@@ -37,10 +37,13 @@ def _numbers(values: np.ndarray, unit: str = "") -> str:
     return f"mean {v.mean():.1f}, sd {v.std():.1f}, range {v.min():g}-{v.max():g}{unit}"
 
 
-def _findings(plan: Plan) -> list[str]:
+def findings_lines(plan: Plan, in_cohort: np.ndarray | None = None) -> list[str]:
+    """Requested vs planned count per finding; with ``in_cohort`` (counts per finding among the
+    volumes stored), a third column shows what the cohort holds."""
     exact = plan.spec.allocation.mode == "exact"
     targets = plan.spec.resolved.targets
-    lines = [f"{'finding':<{_WIDTH}}{'requested':<22}{'planned':>8}{'prevalence':>12}"]
+    stored = f"{'in cohort':>11}" if in_cohort is not None else ""
+    lines = [f"{'finding':<{_WIDTH}}{'requested':<22}{'planned':>8}{'prevalence':>12}{stored}"]
     planned = plan.labels.sum(axis=0)
     for j, f in enumerate(vocab.FINDINGS):
         target = targets.get(f.id)
@@ -49,8 +52,9 @@ def _findings(plan: Plan) -> list[str]:
             asked = f"{target.count} ({share:.3f})" if exact else f"~{target.expected:.1f}"
         else:
             asked = f"reference ~{plan.expected[j]:.1f}"
+        have = f"{int(in_cohort[j]):>11}" if in_cohort is not None else ""
         lines.append(
-            f"{f.column:<{_WIDTH}}{asked:<22}{int(planned[j]):>8}{planned[j] / plan.n:>12.3f}"
+            f"{f.column:<{_WIDTH}}{asked:<22}{int(planned[j]):>8}{planned[j] / plan.n:>12.3f}{have}"
         )
     return lines
 
@@ -138,7 +142,7 @@ def summary_text(plan: Plan) -> str:
         f"reference: {plan.reference.description}{ess}",
         f"plan hash: {plan.plan_hash}",
         "",
-        *_findings(plan),
+        *findings_lines(plan),
         *_joint(plan),
         *_attributes(plan),
         *_demographics(plan),

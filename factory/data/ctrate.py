@@ -15,11 +15,24 @@ from pathlib import Path
 import pandas as pd
 
 from factory import vocab
+from factory.store.nifti import write_atomic
 
 REPORTS = "radiology_text_reports/{split}_reports.csv"
 LABELS = "multi_abnormality_labels/{split}_predicted_labels.csv"
 METADATA = "metadata/{split}_metadata.csv"
-REPORT_COLUMNS = ("VolumeName", "Findings_EN", "Impressions_EN")
+REPORT_COLUMNS = ("VolumeName", "Findings_EN", "Impressions_EN")  # what a reader needs
+# What a writer writes (CT-RATE's own columns, those we can fill).
+REPORT_TABLE_COLUMNS = [
+    "VolumeName",
+    "ClinicalInformation_EN",
+    "Technique_EN",
+    "Findings_EN",
+    "Impressions_EN",
+]
+METADATA_COLUMNS = [
+    "VolumeName", "Manufacturer", "PatientSex", "PatientAge", "Rows", "Columns", "NumberofSlices",
+    "XYSpacing", "ZSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType", "PatientPosition",
+]  # fmt: skip
 
 
 class DatasetError(ValueError):
@@ -45,6 +58,29 @@ class Record:
     def report(self) -> str:
         """Findings and impression, the text a model is conditioned on."""
         return f"{self.findings} {self.impression}".strip()
+
+
+def volume_name(split: str, index: int) -> str:
+    """CT-RATE style name: ``train_1_a_1.nii.gz`` is patient 1, scan a, reconstruction 1."""
+    return f"{split}_{index + 1}_a_1.nii.gz"
+
+
+def write_tables(
+    root: Path, split: str, labels: list[dict], reports: list[dict], metadata: list[dict]
+) -> None:
+    """Write a split's labels, reports and metadata CSVs (each whole, through a rename).
+
+    Extra metadata keys (beyond CT-RATE's columns) are kept as further columns.
+    """
+    extra = [k for row in metadata[:1] for k in row if k not in METADATA_COLUMNS]
+    for relative, rows, columns in (
+        (LABELS, labels, ["VolumeName", *vocab.COLUMNS]),
+        (REPORTS, reports, REPORT_TABLE_COLUMNS),
+        (METADATA, metadata, METADATA_COLUMNS + extra),
+    ):
+        frame = pd.DataFrame(rows, columns=columns)
+        data = frame.to_csv(index=False, lineterminator="\n").encode()
+        write_atomic(Path(root) / relative.format(split=split), data)
 
 
 def read_split(root: str | Path, split: str = "train") -> list[Record]:

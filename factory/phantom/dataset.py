@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from factory import vocab
 from factory.cohort import prompts
+from factory.data.ctrate import volume_name, write_tables
 from factory.phantom.anatomy import MASK_LABELS
 from factory.phantom.grid import Grid
 from factory.phantom.labels import sample_population
@@ -35,17 +35,6 @@ from factory.phantom.preview import montage
 from factory.phantom.render import HU_MAX, HU_MIN, render_phantom
 from factory.store.nifti import nifti_bytes, write_atomic
 
-REPORT_COLUMNS = [
-    "VolumeName",
-    "ClinicalInformation_EN",
-    "Technique_EN",
-    "Findings_EN",
-    "Impressions_EN",
-]
-METADATA_COLUMNS = [
-    "VolumeName", "Manufacturer", "PatientSex", "PatientAge", "Rows", "Columns", "NumberofSlices",
-    "XYSpacing", "ZSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType", "PatientPosition",
-]  # fmt: skip
 DEFAULT_FOV_MM = (380.0, 380.0, 320.0)
 MIN_FOV_MM = (300.0, 300.0, 160.0)
 MIN_VOXELS = 16
@@ -62,11 +51,6 @@ class PhantomSettings:
     findings: dict[str, dict] | None = None
     previews: int = 0
     extra: dict = field(default_factory=dict)
-
-
-def volume_name(split: str, index: int) -> str:
-    """CT-RATE style name: ``train_1_a_1.nii.gz`` is patient 1, scan a, reconstruction 1."""
-    return f"{split}_{index + 1}_a_1.nii.gz"
 
 
 def default_grid(size: tuple[int, int, int], spacing: tuple[float, float, float] | None) -> Grid:
@@ -234,20 +218,12 @@ def write_dataset(settings: PhantomSettings, out: Path, workers: int = 1) -> dic
         for i in range(settings.n)
     ]
     rows = sorted(_run(tasks, workers), key=lambda r: r["index"])
-    _write_csv(
-        out / "radiology_text_reports" / f"{settings.split}_reports.csv",
-        [r["report"] for r in rows],
-        REPORT_COLUMNS,
-    )
-    _write_csv(
-        out / "multi_abnormality_labels" / f"{settings.split}_predicted_labels.csv",
+    write_tables(
+        out,
+        settings.split,
         [r["labels"] for r in rows],
-        ["VolumeName", *vocab.COLUMNS],
-    )
-    _write_csv(
-        out / "metadata" / f"{settings.split}_metadata.csv",
+        [r["report"] for r in rows],
         [r["meta"] for r in rows],
-        METADATA_COLUMNS,
     )
     write_atomic(out / "masks" / "labels.json", json.dumps(MASK_LABELS, indent=1).encode())
     manifest_path = out / "dataset.json"
@@ -293,8 +269,3 @@ def _run(tasks: list[tuple], workers: int) -> Iterator[dict]:
                     bar.update()
     finally:
         bar.close()
-
-
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    frame = pd.DataFrame(rows, columns=columns)
-    write_atomic(path, frame.to_csv(index=False, lineterminator="\n").encode())

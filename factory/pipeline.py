@@ -1,0 +1,335 @@
+"""plan -> Ray Data -> generator actors -> store: the factory's main job.
+
+The pieces are plain Python: :func:`prepare_run` plans the cohort and readies its store on the
+driver, :class:`VolumeWriter` turns a batch of plan rows into committed volumes (testable
+without Ray), and :func:`generate_cohort` composes them with Ray Data. Volumes never travel
+through the object store or the driver: actors write them and return small rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from factory.store.cohort import MANIFEST_SCHEMA, CohortStore, now
+from factory.store.fs import StoreError, retrying
+from factory.store.layout import FORMAT, intensity_stats, write_volume
+
+# What an actor returns per volume: its manifest row, "written", "skipped" (committed before)
+# or "failed" (a write fault that retries did not mend), and the error of a failed one.
+RESULT_SCHEMA = MANIFEST_SCHEMA.append(pa.field("status", pa.string())).append(
+    pa.field("error", pa.string())
+)
+RECORD_KEYS = ("volume_id", "index", "prompt", "seed", "age", "sex", "profile")
+MANIFEST_FLUSH_ROWS = 1000  # the driver appends a manifest part every this many volumes...
+MANIFEST_FLUSH_S = 30.0  # ... or this many seconds, whichever comes first
+
+
+class GenerationError(RuntimeError):
+    """A volume that could not be stored; the message names it and the cause."""
+
+
+@dataclass
+class Run:
+    """Everything the driver decided before any actor starts."""
+
+    url: str
+    storage_options: dict
+    settings: dict  # recorded at the cohort root; actors get them too
+    plan: object  # factory.cohort.plan.Plan
+    todo: pa.Table  # plan rows still to generate
+    state: str  # created / resumed / overwritten
+    recovered: int  # committed volumes whose lost manifest rows were restored
+    done_before: int
+
+
+@dataclass
+class Totals:
+    """What a run did, for the summary."""
+
+    written: int = 0
+    skipped: int = 0
+    bytes_stored: int = 0
+    bytes_raw: int = 0
+    generate_s: float = 0.0
+    write_s: float = 0.0
+    wall_s: float = 0.0
+    manifest_parts: int = 0
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, rows: list[dict]) -> None:
+        for r in rows:
+            if r["status"] == "failed":
+                continue
+            if r["status"] == "written":
+                self.written += 1
+                self.generate_s += r["generate_s"]
+                self.write_s += r["write_s"]
+            else:
+                self.skipped += 1
+            self.bytes_stored += r["bytes_stored"]
+            self.bytes_raw += r["bytes_raw"]
+
+
+def run_settings(spec, plan, checkpoint) -> dict:
+    """The settings recorded at the cohort root; two runs with equal identity keys (plan hash,
+    model hash, sampler, grid) make the same volumes."""
+    from importlib.metadata import version
+
+    config = checkpoint.config
+    return {
+        "format": FORMAT,
+        "cohort_id": spec.cohort.id,
+        "n": plan.n,
+        "plan_hash": plan.plan_hash,
+        "spec": json.loads(spec.canonical_json()),
+        "model": spec.model,
+        "model_hash": checkpoint.hash,
+        "model_name": checkpoint.card.name,
+        "sampler": spec.sampler.model_dump(),
+        "grid": {"shape": list(config.size), "spacing_mm": list(config.spacing_mm)},
+        "anatomy_channels": list(config.diffusion.anatomy_channels),
+        "hu_window": list(config.hu_window),
+        "ct_factory_version": version("ct-factory"),
+        "created": now(),
+    }
+
+
+def prepare_run(
+    spec_path: str,
+    out: str | None = None,
+    storage_options: dict | None = None,
+    limit: int | None = None,
+    overwrite: bool = False,
+) -> Run:
+    """Plan the spec, check the model and sampler, create or resume the store (driver side).
+
+    Raises SpecError, CheckpointError, SamplerError or StoreError (each naming the file, key or
+    URL) before anything is generated.
+    """
+    from factory.cohort.plan import make_plan
+    from factory.cohort.spec import load_spec
+    from factory.models.checkpoint import load_checkpoint
+    from factory.models.samplers import check_settings
+
+    spec = load_spec(spec_path)
+    spec_text = Path(spec_path).read_text()
+    url = out or spec.output
+    storage_options = dict(storage_options or {})
+    options = _model_options(spec.model, storage_options)
+    checkpoint = load_checkpoint(spec.model, storage_options=options)
+    sampler = spec.sampler
+    check_settings(sampler.steps, sampler.guidance, checkpoint.config.diffusion, sampler.scheduler)
+    plan = make_plan(spec)
+    settings = run_settings(spec, plan, checkpoint)
+    store = CohortStore(url, storage_options)
+    state = store.prepare(settings, spec_text, plan, overwrite)
+    recovered = store.recover() if state == "resumed" else 0
+    done = set(store.read_manifest()["volume_id"]) if state == "resumed" else set()
+    table = pa.Table.from_batches(list(plan.batches()))
+    if done:
+        keep = pc.invert(pc.is_in(table.column("volume_id"), pa.array(sorted(done))))
+        table = table.filter(keep)
+    if limit is not None:
+        table = table.slice(0, limit)
+    return Run(url, storage_options, settings, plan, table, state, recovered, len(done))
+
+
+def _model_options(ref: str, storage_options: dict) -> dict | None:
+    """Object-store models use the output's storage options (same endpoint and credentials)."""
+    return storage_options or None if "://" in ref and not ref.startswith("file://") else None
+
+
+def load_generator(ref: str, storage_options: dict | None = None):
+    """The default model loader of :class:`VolumeWriter` (GPU when the actor has one)."""
+    from factory.models.generator import Generator
+
+    return Generator.load(ref, **(_model_options(ref, storage_options or {}) or {}))
+
+
+class VolumeWriter:
+    """A Ray Data callable: loads the model once, then per batch generates each volume, writes
+    it to the store and commits it, returning one small row per volume.
+
+    ``loader(model_ref, storage_options)`` returns an object with ``model_hash`` and
+    ``generate(requests, batch_size)`` (the :class:`Generator` API); benchmarks pass a null one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict,
+        settings: Mapping,
+        threads: int | None = None,
+        loader: Callable = load_generator,
+    ):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.settings = dict(settings)
+        self.generator = loader(settings["model"], storage_options)
+        if self.generator.model_hash != settings["model_hash"]:
+            raise RuntimeError(
+                f"model {settings['model']}: hash {self.generator.model_hash[:16]} on this "
+                f"worker but {settings['model_hash'][:16]} on the driver; install the same model "
+                "on every node"
+            )
+        self.store = CohortStore(url, storage_options)
+        self.volumes = self.store.volumes("r+")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from factory.models.generator import Request
+
+        rows = batch.to_pylist()
+        out: list[dict] = []
+        todo = []
+        for row in rows:
+            committed = self.store.read_marker(row["volume_id"])
+            if committed is not None:  # a retried task: committed already, never twice
+                out.append({**committed, "status": "skipped"})
+            else:
+                todo.append(row)
+        if todo:
+            s = self.settings["sampler"]
+            requests = [
+                Request(r["prompt"], int(r["seed"]), s["steps"], s["guidance"], s["scheduler"])
+                for r in todo
+            ]
+            start = time.perf_counter()
+            volumes = self.generator.generate(requests, batch_size=len(requests))
+            each = (time.perf_counter() - start) / len(todo)
+            for row, volume in zip(todo, volumes, strict=True):
+                try:
+                    out.append(self._commit(row, volume, each))
+                except StoreError as exc:  # retries are spent: the driver stops the run
+                    out.append({**row, "status": "failed", "error": str(exc)})
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+    def _commit(self, row: dict, volume, generate_s: float) -> dict:
+        vid = row["volume_id"]
+        start = time.perf_counter()
+        record = {
+            **{k: row[k] for k in RECORD_KEYS},
+            "labels": {c: int(row[c]) for c in _finding_columns()},
+            "attributes": json.loads(row["attributes"]),
+            "model": self.settings["model"],
+            "model_hash": volume.model_hash,
+            "sampler": volume.sampler,
+        }
+        sums = retrying(
+            f"volume {vid}: writing its arrays",
+            lambda: write_volume(
+                self.volumes, vid, volume.hu, volume.masks, volume.affine, volume.spacing,
+                self.settings["hu_window"], record,
+            ),
+        )  # fmt: skip
+        stored = retrying(
+            f"volume {vid}: measuring its size",
+            lambda: self.store.fs.du(f"{self.store.path}/volumes/{vid}", total=True),
+        )
+        result = {
+            **row,
+            **sums,
+            **intensity_stats(volume.hu),
+            "model_hash": volume.model_hash,
+            "sampler": json.dumps(volume.sampler, sort_keys=True),
+            "shape": list(volume.hu.shape),
+            "spacing_mm": [float(s) for s in volume.spacing],
+            "bytes_stored": int(stored),
+            "bytes_raw": int(volume.hu.nbytes + sum(m.nbytes for m in volume.masks.values())),
+            "generate_s": generate_s,
+            "write_s": time.perf_counter() - start,
+            "committed_at": now(),
+        }
+        created = self.store.commit(result)
+        return {**result, "status": "written" if created else "skipped"}
+
+
+def _finding_columns() -> tuple[str, ...]:
+    from factory import vocab
+
+    return vocab.COLUMNS
+
+
+def blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """The plan rows as blocks of one actor batch each, so that every actor gets work."""
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+
+
+def local_threads(workers: int) -> int:
+    """Torch threads per CPU actor on this machine: the cores shared among the actors."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def generate_cohort(
+    run: Run,
+    workers: int = 1,
+    gpus_per_worker: float | None = None,
+    batch_size: int = 4,
+    loader: Callable = load_generator,
+    progress: Callable[[list[dict]], None] | None = None,
+) -> Totals:
+    """Generate ``run.todo`` with a pool of ``workers`` actors; rows reach the manifest in parts.
+
+    ``gpus_per_worker`` defaults to 1 when the cluster has GPUs, else 0 (CPU actors).
+    """
+    import ray
+
+    from factory.raycluster import init_ray
+
+    totals = Totals()
+    if run.todo.num_rows == 0:
+        return totals
+    init_ray(workers)
+    gpus = gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    threads = None if gpus else local_threads(workers)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours shows volumes, rate and ETA
+    ds = ray.data.from_arrow(blocks(run.todo, batch_size))
+    results = ds.map_batches(
+        VolumeWriter,
+        fn_constructor_kwargs={
+            "url": run.url,
+            "storage_options": run.storage_options,
+            "settings": run.settings,
+            "threads": threads,
+            "loader": loader,
+        },
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=gpus,
+        num_cpus=0 if gpus else threads,
+        zero_copy_batch=True,
+    )
+    store = CohortStore(run.url, run.storage_options)
+    start = time.perf_counter()
+    pending: list[dict] = []
+    last = time.monotonic()
+    try:
+        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows = batch.to_pylist()
+            totals.add(rows)
+            failed = [r for r in rows if r["status"] == "failed"]
+            pending += [r for r in rows if r["status"] != "failed"]
+            if failed:
+                raise GenerationError(failed[0]["error"])
+            if progress is not None:
+                progress(rows)
+            if len(pending) >= MANIFEST_FLUSH_ROWS or time.monotonic() - last >= MANIFEST_FLUSH_S:
+                totals.manifest_parts += bool(store.write_manifest(pending))
+                pending, last = [], time.monotonic()
+    finally:  # also when the run fails: what was committed reaches the manifest
+        totals.manifest_parts += bool(store.write_manifest(pending))
+    totals.wall_s = time.perf_counter() - start
+    return totals

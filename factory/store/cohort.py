@@ -1,0 +1,337 @@
+"""A cohort in object storage or on disk: its root, commit protocol, manifest, status and checks.
+
+Layout under the cohort URL::
+
+    zarr.json              root group; attributes ``ct_factory``: format, spec, plan hash,
+                           model and model hash, sampler settings, grid (no consolidated metadata)
+    spec.yaml              the cohort spec as given
+    plan.parquet           the plan (one row per volume to generate)
+    volumes/{id}/          one Zarr group per volume (see layout.py)
+    committed/{id}.json    the completion marker, created once, holding the volume's manifest row
+    manifest/part-*.parquet  the index: one row per committed volume, written in parts
+
+Commit protocol: arrays, then the marker (created only if absent), then the manifest row.
+Readers trust only committed volumes (marker and manifest row); a marker whose manifest row was
+lost in a crash is recovered into the manifest by the next run, never regenerated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from factory import vocab
+from factory.cohort.plan import PLAN_FIELDS
+from factory.store.fs import (
+    StoreError,
+    create_exclusive,
+    is_local,
+    open_fs,
+    retrying,
+    zarr_store,
+)
+from factory.store.layout import StoredVolume, check_volume, read_volume
+
+SPEC_FILE = "spec.yaml"
+PLAN_FILE = "plan.parquet"
+VOLUMES = "volumes"
+COMMITTED = "committed"
+MANIFEST = "manifest"
+REPORT = "report"
+# Settings that make two runs produce different volumes: a mismatch refuses the resume.
+IDENTITY_KEYS = ("plan_hash", "model_hash", "sampler", "grid")
+
+RESULT_FIELDS: list[pa.Field] = [
+    pa.field("model_hash", pa.string()),
+    pa.field("sampler", pa.string()),  # JSON: steps, guidance, scheduler
+    pa.field("shape", pa.list_(pa.int32())),
+    pa.field("spacing_mm", pa.list_(pa.float64())),
+    pa.field("hu_sha256", pa.string()),
+    pa.field("anatomy_sha256", pa.string()),
+    pa.field("bytes_stored", pa.int64()),
+    pa.field("bytes_raw", pa.int64()),
+    pa.field("generate_s", pa.float64()),
+    pa.field("write_s", pa.float64()),
+    pa.field("hu_mean", pa.float64()),
+    pa.field("hu_std", pa.float64()),
+    pa.field("hu_p01", pa.float64()),
+    pa.field("hu_p50", pa.float64()),
+    pa.field("hu_p99", pa.float64()),
+    pa.field("committed_at", pa.string()),
+]
+MANIFEST_SCHEMA = pa.schema([*PLAN_FIELDS, *RESULT_FIELDS])
+FINDING_COLUMNS = list(vocab.COLUMNS)
+
+
+class CohortExistsError(StoreError):
+    """The output holds another cohort (another spec, model or sampler) and may not be reused."""
+
+
+@dataclass
+class Status:
+    """Counts of a cohort's volumes by state, and the bytes of the committed ones."""
+
+    planned: int
+    done: int
+    partial: int
+    missing: int
+    bytes_stored: int
+    uncommitted_markers: int
+
+    def text(self) -> str:
+        return (
+            f"planned {self.planned:,} | done {self.done:,} | partial {self.partial:,} | "
+            f"missing {self.missing:,} | {self.bytes_stored / 2**20:,.1f} MiB stored"
+            + (
+                f" | {self.uncommitted_markers:,} committed volume(s) not yet in the manifest"
+                if self.uncommitted_markers
+                else ""
+            )
+        )
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class CohortStore:
+    """One cohort at ``url``: written by the factory, read by :func:`open_cohort` users."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.path = open_fs(self.url, self.storage_options)
+        self._root: zarr.Group | None = None
+
+    # ----- paths and groups -------------------------------------------------------------------
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def root(self, mode: str = "r") -> zarr.Group:
+        if self._root is None or (mode != "r" and self._root.read_only):
+            store = zarr_store(self.url, self.storage_options, read_only=mode == "r")
+            try:
+                self._root = zarr.open_group(store, mode=mode, zarr_format=3)
+            except FileNotFoundError:
+                raise StoreError(f"{self.url}: no cohort here (no zarr.json at the root)") from None
+        return self._root
+
+    def volumes(self, mode: str = "r") -> zarr.Group:
+        return self.root(mode)[VOLUMES]
+
+    def exists(self) -> bool:
+        return self.fs.exists(self._p("zarr.json"))
+
+    def settings(self) -> dict:
+        """The run settings recorded at the root (format, spec, plan and model hashes...)."""
+        try:
+            return dict(self.root().attrs["ct_factory"])
+        except KeyError:
+            raise StoreError(
+                f"{self.url}: not a ct-factory cohort (no ct_factory attributes)"
+            ) from None
+
+    # ----- creating and resuming --------------------------------------------------------------
+    def prepare(self, settings: Mapping, spec_text: str, plan, overwrite: bool = False) -> str:
+        """Create the cohort root, or check that the existing one is the same cohort.
+
+        Returns "created", "resumed" or "overwritten". A different spec, model or sampler in
+        the same output is refused (naming what differs) unless ``overwrite``.
+        """
+        state = "created"
+        if self.exists() or (self.fs.exists(self.path) and self.fs.ls(self.path)):
+            if not self.exists():
+                if not overwrite:
+                    raise CohortExistsError(
+                        f"{self.url}: the folder is not empty and holds no cohort; "
+                        "choose another output or pass --overwrite"
+                    )
+            else:
+                old = self.settings()
+                differ = [k for k in IDENTITY_KEYS if old.get(k) != settings.get(k)]
+                if not differ:
+                    return "resumed"
+                if not overwrite:
+                    what = "; ".join(f"{k}: {old.get(k)} -> {settings.get(k)}" for k in differ)
+                    raise CohortExistsError(
+                        f"{self.url}: holds another cohort ({what}); re-run the same spec to "
+                        "resume it, choose another output, or pass --overwrite to replace it"
+                    )
+            retrying(f"{self.url}: removing the old cohort", lambda: self.fs.rm(self.path, True))
+            self._root = None
+            state = "overwritten"
+        root = retrying(f"{self.url}: creating the cohort root", lambda: self.root("w"))
+        retrying(f"{self.url}/{VOLUMES}", lambda: root.require_group(VOLUMES))
+        self.put(SPEC_FILE, spec_text.encode())
+        retrying(
+            f"{self.url}/{PLAN_FILE}",
+            lambda: (
+                plan.write(self._url(PLAN_FILE), self.storage_options)
+                if not is_local(self.url)
+                else plan.write(self._p(PLAN_FILE))
+            ),
+        )
+        # The attributes last: a root with them is a complete, resumable cohort root.
+        retrying(f"{self.url}/zarr.json", lambda: root.attrs.put({"ct_factory": dict(settings)}))
+        return state
+
+    def _url(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write a file under the cohort root whole (local: aside, then renamed)."""
+        path = self._p(name)
+        if is_local(self.url):
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        else:
+            retrying(f"{self.url}/{name}", lambda: self.fs.pipe_file(path, data))
+
+    # ----- the commit protocol ----------------------------------------------------------------
+    def marker_path(self, volume_id: str) -> str:
+        return self._p(COMMITTED, f"{volume_id}.json")
+
+    def commit(self, row: Mapping) -> bool:
+        """Create the volume's completion marker holding its manifest row; False if one existed."""
+        data = json.dumps(dict(row), separators=(",", ":")).encode()
+        path = self.marker_path(row["volume_id"])
+        return retrying(
+            f"volume {row['volume_id']}: writing its completion marker",
+            lambda: create_exclusive(self.fs, path, data),
+        )
+
+    def read_marker(self, volume_id: str) -> dict | None:
+        """The manifest row held by a volume's marker, or None if absent or unreadable."""
+        try:
+            return json.loads(self.fs.cat_file(self.marker_path(volume_id)))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def committed_ids(self) -> set[str]:
+        """Volumes with a completion marker (one listing)."""
+        try:
+            names = self.fs.ls(self._p(COMMITTED), detail=False)
+        except FileNotFoundError:
+            return set()
+        return {n.rsplit("/", 1)[-1].removesuffix(".json") for n in names if n.endswith(".json")}
+
+    def write_manifest(self, rows: Iterable[Mapping]) -> int:
+        """Append one manifest part with ``rows``; returns how many rows it holds."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        table = pa.Table.from_pylist([manifest_row(r) for r in rows], schema=MANIFEST_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        first = min(int(r["index"]) for r in rows)
+        name = f"{MANIFEST}/part-{first:09d}-{uuid.uuid4().hex[:8]}.parquet"
+        self.put(name, buffer.getvalue())
+        return len(rows)
+
+    def recover(self) -> int:
+        """Write manifest rows for committed volumes whose row was lost (a crash between marker
+        and manifest); returns how many. Unreadable markers are removed: those volumes count as
+        partial and are generated again."""
+        listed = set(self.read_manifest()["volume_id"]) if self._has_manifest() else set()
+        rows = []
+        for volume_id in sorted(self.committed_ids() - listed):
+            row = self.read_marker(volume_id)
+            if row is None:
+                self.fs.rm(self.marker_path(volume_id))
+            else:
+                rows.append(row)
+        return self.write_manifest(rows)
+
+    # ----- reading ----------------------------------------------------------------------------
+    def _has_manifest(self) -> bool:
+        try:
+            return bool(self.fs.ls(self._p(MANIFEST), detail=False))
+        except FileNotFoundError:
+            return False
+
+    def read_manifest(self) -> pd.DataFrame:
+        """One row per committed volume (the cohort's index), in plan order."""
+        try:
+            listing = self.fs.ls(self._p(MANIFEST), detail=False)
+            parts = sorted(p for p in listing if p.endswith(".parquet"))
+        except FileNotFoundError:
+            parts = []
+        tables = [pq.read_table(io.BytesIO(self.fs.cat_file(p))) for p in parts]
+        if not tables:
+            return MANIFEST_SCHEMA.empty_table().to_pandas()
+        frame = pa.concat_tables(tables).to_pandas()
+        # A part re-written after a crash may repeat rows: the same volume, the same values.
+        frame = frame.drop_duplicates("volume_id").sort_values("index", kind="stable")
+        return frame.reset_index(drop=True)
+
+    def plan_ids(self) -> list[str]:
+        """The ids of every planned volume, from the plan stored at the root."""
+        data = io.BytesIO(self.fs.cat_file(self._p(PLAN_FILE)))
+        return pq.read_table(data, columns=["volume_id"]).column("volume_id").to_pylist()
+
+    def volume(self, volume_id: str, masks: bool = True) -> StoredVolume:
+        """A committed volume: HU (int16, x y z), masks, affine, spacing and its record."""
+        return read_volume(self.volumes(), volume_id, masks)
+
+    def status(self) -> Status:
+        manifest = self.read_manifest()
+        done = set(manifest["volume_id"])
+        committed = self.committed_ids()
+        try:
+            started = {p.rsplit("/", 1)[-1] for p in self.fs.ls(self._p(VOLUMES), detail=False)}
+        except FileNotFoundError:
+            started = set()
+        started.discard("zarr.json")
+        planned = self.plan_ids()
+        finished = done | committed
+        partial = started - finished
+        return Status(
+            planned=len(planned),
+            done=len(finished),
+            partial=len(partial),
+            missing=len(set(planned) - finished - partial),
+            bytes_stored=int(manifest["bytes_stored"].sum()) if len(manifest) else 0,
+            uncommitted_markers=len(committed - done),
+        )
+
+    def verify(self, progress=None) -> list[str]:
+        """Every manifest row's volume read back (missing chunks are errors) and compared with
+        its shape and checksums; every row must have its marker. Returns the problems found."""
+        manifest = self.read_manifest()
+        committed = self.committed_ids()
+        volumes = self.volumes()
+        problems = []
+        for row in manifest.to_dict("records"):
+            vid = row["volume_id"]
+            found = check_volume(volumes, vid, row, self.fs, self._p(VOLUMES, vid))
+            if vid not in committed:
+                found.append("no completion marker")
+            problems += [f"{vid}: {p}" for p in found]
+            if progress is not None:
+                progress(1)
+        return problems
+
+
+def manifest_row(row: Mapping) -> dict:
+    """``row`` reduced to the manifest's columns (numpy scalars made plain)."""
+    out = {}
+    for f in MANIFEST_SCHEMA:
+        value = row.get(f.name)
+        if isinstance(value, np.generic):
+            value = value.item()
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        out[f.name] = value
+    return out

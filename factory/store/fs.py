@@ -1,0 +1,111 @@
+"""Storage URLs (a path, file://, s3://...) as fsspec filesystems and zarr stores, with retries.
+
+Every write the factory makes goes through :func:`retrying`, so a store that is unreachable for
+a few seconds (an S3 endpoint restarting, a throttled bucket) costs a delay, not a run; a fault
+that persists raises :class:`StoreError` naming what was being written and the last cause.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+T = TypeVar("T")
+
+# Backoff of a write: 0.5 s doubling to 8 s; the default 10 retries wait about 60 s in all.
+# CTFACTORY_WRITE_RETRIES changes how many (Ray workers inherit the driver's environment).
+RETRIES_VARIABLE = "CTFACTORY_WRITE_RETRIES"
+
+
+def retry_delays() -> tuple[float, ...]:
+    count = int(os.environ.get(RETRIES_VARIABLE, "10"))
+    return tuple(min(8.0, 0.5 * 2**i) for i in range(count))
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be read or written; the message names the URL or volume and cause."""
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The absolute path of a local URL (``file://`` stripped)."""
+    return os.path.abspath(url.removeprefix("file://"))
+
+
+def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root path of ``url`` (local paths made absolute)."""
+    if is_local(url):
+        return LocalFileSystem(), local_path(url)
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except Exception as exc:
+        raise StoreError(f"{url}: cannot open: {exc}") from None
+
+
+def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = False):
+    """A zarr v3 store on ``url``: a LocalStore for paths, an FsspecStore for object storage."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if is_local(url):
+        path = Path(local_path(url))
+        if not read_only:
+            path.mkdir(parents=True, exist_ok=True)
+        return LocalStore(path, read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+
+
+def retrying(what: str, fn: Callable[[], T], delays: tuple[float, ...] | None = None) -> T:
+    """``fn()``, retried after transient failures on the ``delays`` schedule (default
+    :func:`retry_delays`).
+
+    Errors that retrying cannot mend (a file that exists, bad values) fail at once; every
+    failure is raised as a StoreError naming ``what``.
+    """
+    delays = retry_delays() if delays is None else delays
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except (FileExistsError, ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"{what}: failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if attempt == len(delays):
+                raise StoreError(
+                    f"{what}: failed after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
+                ) from exc
+            time.sleep(delays[attempt])
+    raise AssertionError("unreachable")
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write ``path`` only if it does not exist, all at once; False if it already existed.
+
+    Local files are written aside and hard-linked into place (atomic, never partial); object
+    stores use a conditional PUT (``If-None-Match``), which S3 and moto honour.
+    """
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False

@@ -1,0 +1,235 @@
+"""The cohort store without Ray: layout, OME-Zarr metadata, commit protocol, resume, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+from ome_zarr_models.v05 import Image, ImageLabel, Labels
+
+from factory.data.ctrate import read_split
+from factory.pipeline import VolumeWriter, prepare_run
+from factory.store.cohort import CohortExistsError, CohortStore
+from factory.store.export import export_nifti
+from factory.store.fs import StoreError, retrying
+from factory.store.layout import pack_masks, read_volume, unpack_masks, write_volume
+from factory.store.reader import open_cohort
+from tests.store_helpers import small_model, write_spec
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return small_model(tmp_path_factory.mktemp("model") / "small")
+
+
+@pytest.fixture(scope="module")
+def written(model, tmp_path_factory):
+    """A 6-volume cohort with 4 volumes committed by a VolumeWriter (no Ray)."""
+    base = tmp_path_factory.mktemp("cohort")
+    spec = write_spec(base / "spec.yaml", model, n=6, output=str(base / "out"))
+    run = prepare_run(str(spec))
+    writer = VolumeWriter(run.url, {}, run.settings, threads=2)
+    rows = writer(run.todo.slice(0, 4)).to_pylist()
+    CohortStore(run.url).write_manifest(rows)
+    return spec, run, writer, rows
+
+
+def volume(shape=(80, 64, 20), seed=0):
+    rng = np.random.default_rng(seed)
+    hu = rng.integers(-1000, 1500, shape).astype(np.int16)
+    masks = {"lungs": rng.random(shape) > 0.5, "heart": rng.random(shape) > 0.8}
+    affine = np.diag([2.0, 2.5, 4.0, 1.0])
+    affine[:3, 3] = [-40.0, -45.0, -40.0]
+    return hu, {k: v.astype(np.uint8) for k, v in masks.items()}, affine
+
+
+def test_volume_layout_is_sharded_compressed_and_valid_ome_zarr(tmp_path):
+    hu, masks, affine = volume()
+    root = zarr.open_group(str(tmp_path), mode="w", zarr_format=3)
+    sums = write_volume(
+        root.create_group("volumes"), "v1", hu, masks, affine, (2.0, 2.5, 4.0), (-1000, 1000),
+        {"prompt": "p"},
+    )  # fmt: skip
+    # Read by an independent reader: zarr-python directly, from the paths the docs give.
+    image = zarr.open_array(str(tmp_path / "volumes/v1/hu"), mode="r")
+    assert image.dtype == np.int16 and np.array_equal(image[...], hu)
+    meta = json.loads((tmp_path / "volumes/v1/hu/zarr.json").read_text())
+    shard = meta["codecs"][0]
+    assert shard["name"] == "sharding_indexed"
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [128, 64, 20]  # one shard
+    assert shard["configuration"]["chunk_shape"] == [64, 64, 20]  # inner chunks of <= 64
+    blosc = shard["configuration"]["codecs"][1]
+    assert blosc["name"] == "blosc" and blosc["configuration"]["cname"] == "zstd"
+    assert blosc["configuration"]["clevel"] == 3 and blosc["configuration"]["shuffle"] == "shuffle"
+    objects = sorted(
+        p.relative_to(tmp_path / "volumes/v1/hu")
+        for p in (tmp_path / "volumes/v1/hu").rglob("*")
+        if p.is_file()
+    )
+    assert [str(p) for p in objects] == ["c/0/0/0", "zarr.json"]  # one shard object
+    labels = json.loads((tmp_path / "volumes/v1/labels/anatomy/0/zarr.json").read_text())
+    assert labels["codecs"][0]["configuration"]["codecs"][1]["configuration"]["shuffle"] == (
+        "bitshuffle"
+    )
+    # OME-Zarr 0.5, validated by ome-zarr-models (not our code).
+    group = zarr.open_group(str(tmp_path / "volumes/v1"), mode="r")
+    ome = Image.from_zarr(group).attributes.ome.multiscales[0]
+    assert [a.unit for a in ome.axes] == ["millimeter"] * 3
+    assert list(ome.datasets[0].coordinateTransformations[0].scale) == [2.0, 2.5, 4.0]
+    assert list(ome.datasets[0].coordinateTransformations[1].translation) == [-40.0, -45.0, -40.0]
+    Labels.from_zarr(zarr.open_group(str(tmp_path / "volumes/v1/labels"), mode="r"))
+    ImageLabel.from_zarr(zarr.open_group(str(tmp_path / "volumes/v1/labels/anatomy"), mode="r"))
+    back = read_volume(root["volumes"], "v1")
+    assert np.array_equal(back.hu, hu) and np.array_equal(back.affine, affine)
+    assert all(np.array_equal(back.masks[k], masks[k]) for k in masks)
+    assert sums["hu_sha256"] != sums["anatomy_sha256"]
+
+
+def test_overlapping_masks_survive_bit_packing():
+    rng = np.random.default_rng(1)
+    masks = {n: (rng.random((8, 8, 8)) > 0.5).astype(np.uint8) for n in "abcdefgh"}
+    back = unpack_masks(pack_masks(masks, list(masks)), list(masks))
+    assert all(np.array_equal(back[n], masks[n]) for n in masks)
+    with pytest.raises(ValueError, match="at most 8"):
+        pack_masks({**masks, "i": masks["a"]}, [*masks, "i"])
+
+
+def test_commit_protocol_status_and_verify(written):
+    _, run, writer, rows = written
+    cohort = open_cohort(run.url)
+    assert [r["status"] for r in rows] == ["written"] * 4
+    assert list(cohort.manifest["volume_id"]) == [r["volume_id"] for r in rows]
+    assert cohort.verify() == []
+    status = cohort.status()
+    assert (status.planned, status.done, status.partial, status.missing) == (6, 4, 0, 2)
+    # The manifest carries the labels under CT-RATE column names and the provenance.
+    row = cohort.manifest.iloc[0]
+    assert row["Pleural effusion"] in (0, 1) and row["model_hash"] == run.settings["model_hash"]
+    assert json.loads(row["sampler"]) == {"guidance": 3.0, "scheduler": "ddim", "steps": 2}
+    assert 0 < row["bytes_stored"] < row["bytes_raw"]
+    # A retried batch never generates a committed volume again.
+    again = writer(run.todo.slice(0, 2)).to_pylist()
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+    assert [r["hu_sha256"] for r in again] == [r["hu_sha256"] for r in rows[:2]]
+
+
+def test_verify_finds_missing_and_damaged_chunks(written, tmp_path):
+    _, run, _, rows = written
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run.url, copy)
+    first, second = rows[0]["volume_id"], rows[1]["volume_id"]
+    (copy / "volumes" / first / "hu" / "c" / "0" / "0" / "0").unlink()  # a lost shard
+    shard = copy / "volumes" / second / "labels" / "anatomy" / "0" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte inside the compressed chunk
+    shard.write_bytes(bytes(data))
+    problems = open_cohort(str(copy)).verify()
+    assert f"{first}: shard c/0/0/0 is missing" in problems, problems
+    assert any(p.startswith(second) for p in problems), problems
+    assert not any(rows[2]["volume_id"] in p for p in problems)
+
+
+def test_resume_recovers_lost_manifest_rows_and_redoes_partial_volumes(written, tmp_path):
+    spec, run, _, _ = written
+    import shutil
+
+    copy = tmp_path / "resume"
+    shutil.copytree(run.url, copy)
+    store = CohortStore(str(copy))
+    # Volume 5 committed but its manifest row lost (driver killed in between); volume 6 partial.
+    fifth = VolumeWriter(str(copy), {}, run.settings, threads=2)(run.todo.slice(4, 1))
+    partial = run.todo.slice(5, 1).column("volume_id")[0].as_py()
+    (copy / "volumes" / partial).mkdir()
+    (copy / "volumes" / partial / "zarr.json").write_text(
+        '{"zarr_format": 3, "node_type": "group"}'
+    )
+    assert store.status().partial == 1 and store.status().uncommitted_markers == 1
+    resumed = prepare_run(str(spec), out=str(copy))
+    assert (resumed.state, resumed.recovered, resumed.done_before) == ("resumed", 1, 5)
+    assert resumed.todo.column("volume_id").to_pylist() == [partial]
+    manifest = store.read_manifest()
+    assert fifth.column("volume_id")[0].as_py() in set(manifest["volume_id"])
+    assert manifest["volume_id"].is_unique
+
+
+def test_another_spec_into_the_same_output_is_refused(written, model, tmp_path):
+    spec, run, _, _ = written
+    other = write_spec(
+        tmp_path / "other.yaml", model, n=6, output=run.url, cohort={"id": "t", "n": 6, "seed": 4}
+    )
+    with pytest.raises(CohortExistsError, match="plan_hash"):
+        prepare_run(str(other))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(CohortExistsError, match="not empty"):
+        prepare_run(str(spec), out=str(tmp_path / "busy"))
+    replaced = prepare_run(str(spec), out=str(tmp_path / "busy"), overwrite=True)
+    assert replaced.state == "overwritten" and not (tmp_path / "busy" / "notes.txt").exists()
+
+
+def test_writes_retry_transient_faults_and_name_persistent_ones(monkeypatch):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("endpoint down")
+        return "ok"
+
+    assert retrying("x", flaky, delays=(0.0, 0.0, 0.0)) == "ok" and len(calls) == 3
+    with pytest.raises(StoreError, match=r"volume v9: writing.*3 attempts.*ConnectionError"):
+        retrying(
+            "volume v9: writing", lambda: (_ for _ in ()).throw(ConnectionError("down")), (0, 0)
+        )
+
+
+def test_export_nifti_in_ct_rate_layout_reads_back(written, tmp_path):
+    _, run, _, rows = written
+    cohort = open_cohort(run.url)
+    ids = [rows[1]["volume_id"], rows[3]["volume_id"]]
+    assert export_nifti(cohort, tmp_path / "nifti", ids=ids, split="synth") == 2
+    records = read_split(tmp_path / "nifti", "synth")  # ct-factory's own CT-RATE reader
+    assert len(records) == 2
+    for record, row in zip(records, [rows[1], rows[3]], strict=True):
+        image = nib.load(record.image)
+        stored = cohort.volume(row["volume_id"])
+        assert image.get_data_dtype() == np.int16
+        assert np.array_equal(np.asarray(image.dataobj), stored.hu)
+        assert np.allclose(image.affine, stored.affine)
+        assert record.findings == row["prompt"]
+        assert record.labels == tuple(int(row[c]) for c in cohort.manifest.columns[2:20])
+        assert nib.load(record.mask).get_fdata().max() <= len(stored.masks)
+    with pytest.raises(KeyError, match="nope"):
+        export_nifti(cohort, tmp_path / "x", ids=["nope"])
+
+
+def test_dataset_reads_volumes_lazily_and_pickles(written):
+    import pickle
+
+    _, run, _, rows = written
+    dataset = open_cohort(run.url).dataset(masks=True)
+    assert len(dataset) == 4
+    item = pickle.loads(pickle.dumps(dataset))[2]
+    assert item["volume_id"] == rows[2]["volume_id"] and item["hu"].dtype == np.int16
+    assert item["labels"].shape == (18,) and item["anatomy"].shape[0] == 2
+
+
+def test_bad_input_fails_before_any_work_with_exit_2(run_cli, model, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", model, n=4, output=str(tmp_path / "out"))
+    bad = run_cli("generate", str(spec), "--workers", "0")
+    assert bad.returncode == 2 and "--workers 0: expected an integer >= 1" in bad.stderr
+    spec.write_text(spec.read_text().replace("steps: 2", "steps: 0"))
+    bad = run_cli("generate", str(spec))
+    assert bad.returncode == 2 and "sampler.steps" in bad.stderr, bad.stderr
+    assert not (tmp_path / "out").exists()
+    missing = run_cli("status", str(tmp_path / "nothing-here"))
+    assert missing.returncode == 2 and "no cohort here" in missing.stderr
+    other = write_spec(tmp_path / "m.yaml", tmp_path / "no-model", n=4, output=str(tmp_path / "o"))
+    bad = run_cli("generate", str(other))
+    assert bad.returncode == 2 and "no-model" in bad.stderr
