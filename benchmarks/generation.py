@@ -40,6 +40,7 @@ from factory.store.nifti import nifti_bytes, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "cohorts" / "demo.yaml"
+EFFUSION = {"laterality": "bilateral", "severity": "large"}
 
 
 def spec_file(directory: Path, n: int, model: str, output: str) -> Path:
@@ -172,7 +173,7 @@ def storage(args: argparse.Namespace) -> None:
     sizes([v.hu for v in generated], floats, generated[0].affine)
     grid = default_grid((256, 256, 128), None)
     phantoms = [
-        render_phantom(grid, {"pleural_effusion": {}}, "M", 60, i).image
+        render_phantom(grid, {"pleural_effusion": EFFUSION}, "M", 60, i).image
         for i in range(min(args.n, 4))
     ]
     print(f"### {len(phantoms)} phantoms at 256x256x128 (1.5 x 1.5 x 2.5 mm)\n")

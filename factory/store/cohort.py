@@ -149,7 +149,9 @@ class CohortStore:
         the same output is refused (naming what differs) unless ``overwrite``.
         """
         state = "created"
-        if self.exists() or (self.fs.exists(self.path) and self.fs.ls(self.path)):
+        if self.exists() and "ct_factory" not in self.root().attrs:
+            pass  # a root whose creation was interrupted: nothing was generated, create again
+        elif self.exists() or (self.fs.exists(self.path) and self.fs.ls(self.path)):
             if not self.exists():
                 if not overwrite:
                     raise CohortExistsError(
