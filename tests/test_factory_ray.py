@@ -40,6 +40,14 @@ def cli(cluster: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def in_process(capsys, *args: str) -> tuple[int, str]:
+    """``ctfactory ARGS`` in this process (status, verify, export start no Ray): code, stdout."""
+    from factory.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().out
+
+
 def generate(spec: Path, out: str | None = None, opts=None, **kw):
     run = prepare_run(str(spec), out, opts)
     return run, generate_cohort(run, **kw)
@@ -56,7 +64,7 @@ def assert_complete(url: str, opts=None) -> None:
     assert (status.partial, status.missing, status.uncommitted_markers) == (0, 0, 0)
 
 
-def test_cli_end_to_end_and_two_actors_match_one(cluster, model, tmp_path):
+def test_cli_end_to_end_and_two_actors_match_one(cluster, model, tmp_path, capsys):
     spec = write_spec(tmp_path / "spec.yaml", model, n=6, output=str(tmp_path / "one"))
     done = cli(cluster, "generate", str(spec), "--batch-size", "2")
     assert done.returncode == 0, done.stderr
@@ -71,11 +79,12 @@ def test_cli_end_to_end_and_two_actors_match_one(cluster, model, tmp_path):
     first = cohort.manifest.iloc[0]
     image = zarr.open_group(str(one / "volumes" / first["volume_id"]), mode="r")["hu"]
     assert image.shape == (32, 32, 32) and image.dtype == np.int16
-    assert cli(cluster, "status", str(one)).stdout.startswith("planned 6 | done 6 | partial 0")
-    verified = cli(cluster, "verify", str(one))
-    assert verified.returncode == 0 and "verified 6 volumes: ok" in verified.stdout
-    exported = cli(cluster, "export", str(one), "--nifti", str(tmp_path / "nii"))
-    assert exported.returncode == 0, exported.stderr
+    code, out = in_process(capsys, "status", str(one))
+    assert code == 0 and out.startswith("planned 6 | done 6 | partial 0")
+    code, out = in_process(capsys, "verify", str(one))
+    assert code == 0 and "verified 6 volumes: ok" in out
+    code, out = in_process(capsys, "export", str(one), "--nifti", str(tmp_path / "nii"))
+    assert code == 0 and "exported 6 volumes" in out
     nifti = nib.load(tmp_path / "nii" / "train" / "train_1_a_1.nii.gz")
     assert np.array_equal(np.asarray(nifti.dataobj), image[...])
 
@@ -138,7 +147,7 @@ def _outage(state: dict, seconds: float, log: dict) -> None:
     state["server"].start()
 
 
-def test_s3_cohort_from_the_cli_survives_an_endpoint_outage(cluster, model, tmp_path, s3):
+def test_s3_cohort_from_the_cli_survives_an_endpoint_outage(cluster, model, tmp_path, s3, capsys):
     spec = write_spec(tmp_path / "spec.yaml", model, n=8, output="s3://cohorts/c")
     log: dict = {}
     outage = threading.Thread(target=_outage, args=(s3, 3.0, log))
@@ -152,8 +161,8 @@ def test_s3_cohort_from_the_cli_survives_an_endpoint_outage(cluster, model, tmp_
     assert 1 <= log["committed_before"] < 8, "the outage did not happen mid-run"
     assert "8 of 8 in the cohort" in done.stdout
     assert_complete("s3://cohorts/c", options)
-    verified = cli(cluster, "verify", "s3://cohorts/c", *flags)
-    assert verified.returncode == 0 and "verified 8 volumes: ok" in verified.stdout
+    code, out = in_process(capsys, "verify", "s3://cohorts/c", *flags)
+    assert code == 0 and "verified 8 volumes: ok" in out
     # Read back through zarr on s3fs directly, and through the reader's dataset.
     cohort = open_cohort("s3://cohorts/c", options)
     vid = cohort.manifest["volume_id"].iloc[3]

@@ -220,16 +220,24 @@ def test_dataset_reads_volumes_lazily_and_pickles(written):
     assert item["labels"].shape == (18,) and item["anatomy"].shape[0] == 2
 
 
-def test_bad_input_fails_before_any_work_with_exit_2(run_cli, model, tmp_path):
+def ctfactory(capsys, *args: str) -> tuple[int, str]:
+    """``ctfactory ARGS`` in this process (no Ray is started for these): status and stderr."""
+    from factory.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_fails_before_any_work_with_exit_2(capsys, model, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", model, n=4, output=str(tmp_path / "out"))
-    bad = run_cli("generate", str(spec), "--workers", "0")
-    assert bad.returncode == 2 and "--workers 0: expected an integer >= 1" in bad.stderr
+    code, err = ctfactory(capsys, "generate", str(spec), "--workers", "0")
+    assert code == 2 and "--workers 0: expected an integer >= 1" in err
     spec.write_text(spec.read_text().replace("steps: 2", "steps: 0"))
-    bad = run_cli("generate", str(spec))
-    assert bad.returncode == 2 and "sampler.steps" in bad.stderr, bad.stderr
+    code, err = ctfactory(capsys, "generate", str(spec))
+    assert code == 2 and "sampler.steps" in err, err
     assert not (tmp_path / "out").exists()
-    missing = run_cli("status", str(tmp_path / "nothing-here"))
-    assert missing.returncode == 2 and "no cohort here" in missing.stderr
+    code, err = ctfactory(capsys, "status", str(tmp_path / "nothing-here"))
+    assert code == 2 and "no cohort here" in err
     other = write_spec(tmp_path / "m.yaml", tmp_path / "no-model", n=4, output=str(tmp_path / "o"))
-    bad = run_cli("generate", str(other))
-    assert bad.returncode == 2 and "no-model" in bad.stderr
+    code, err = ctfactory(capsys, "generate", str(other))
+    assert code == 2 and "no-model" in err
