@@ -48,3 +48,23 @@ def cluster():
     ray.init(num_cpus=4, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture
+def s3():
+    """A moto S3 server on 127.0.0.1 with buckets ``runs-bucket`` and ``cohorts``: a dict with
+    its ``options`` (s3fs storage options), ``server`` and ``port``. A test may stop the server
+    and start another on the same port: moto keeps the objects in this process."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    for bucket in ("runs-bucket", "cohorts"):
+        fs.makedirs(bucket, exist_ok=True)  # moto keeps buckets across servers
+    state = {"server": server, "port": port, "options": options}
+    yield state
+    state["server"].stop()

@@ -108,23 +108,6 @@ def test_cli_end_to_end_and_two_actors_match_one(cluster, model, tmp_path, capsy
         assert two[column].sort_index().equals(ones[column].sort_index()), column
 
 
-@pytest.fixture
-def s3():
-    """A moto S3 server on 127.0.0.1 that a test can take down and bring back (state kept)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
-    import s3fs
-
-    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("cohorts")
-    state = {"server": server, "port": port, "options": options}
-    yield state
-    state["server"].stop()
-
-
 def _outage(state: dict, seconds: float, log: dict) -> None:
     """Take the S3 endpoint down for ``seconds`` once the first volume is committed."""
     import s3fs

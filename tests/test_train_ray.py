@@ -149,28 +149,13 @@ def test_a_killed_worker_is_replaced_and_training_restores(cluster, dataset, tmp
     assert [r["step"] for r in final["history"]] == list(range(1, 9))
 
 
-@pytest.fixture
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
-    import s3fs
-
-    s3fs.S3FileSystem(**options).mkdir("runs-bucket")
-    yield options
-    server.stop()
-
-
 def test_elastic_range_with_checkpoints_on_s3(cluster, dataset, tmp_path, s3):
     cfg = parse_train_config(
         config(
             "vae",
             dataset,
             "s3://runs-bucket/team",
-            storage_options=s3,
+            storage_options=s3["options"],
             workers="1-2",
             vae={"crop": [16, 16, 16]},
         )
@@ -178,11 +163,11 @@ def test_elastic_range_with_checkpoints_on_s3(cluster, dataset, tmp_path, s3):
     assert launch(cfg).error is None
     import s3fs
 
-    fs = s3fs.S3FileSystem(**s3)
+    fs = s3fs.S3FileSystem(**s3["options"])
     names = [p.rsplit("/", 1)[-1] for p in fs.ls("runs-bucket/team/vae")]
     checkpoints = [n for n in names if n.startswith("checkpoint_") and not n.endswith(".json")]
     assert "metrics.jsonl" in names and len(checkpoints) == 2
     history = _history(cfg)
     assert history[-1]["step"] == 4 and {r["world_size"] for r in history} <= {1, 2}
-    export_model(cfg.run_url, tmp_path / "vae-model", storage_options=s3)
+    export_model(cfg.run_url, tmp_path / "vae-model", storage_options=s3["options"])
     assert (tmp_path / "vae-model" / "vae.safetensors").is_file()
