@@ -131,8 +131,7 @@ def prepare_run(
     settings = run_settings(spec, plan, checkpoint)
     store = CohortStore(url, storage_options)
     state = store.prepare(settings, spec_text, plan, overwrite)
-    recovered = store.recover() if state == "resumed" else 0
-    done = set(store.read_manifest()["volume_id"]) if state == "resumed" else set()
+    recovered, done = store.recover() if state == "resumed" else (0, set())
     table = pa.Table.from_batches(list(plan.batches()))
     if done:
         keep = pc.invert(pc.is_in(table.column("volume_id"), pa.array(sorted(done))))

@@ -242,11 +242,11 @@ class CohortStore:
         self.put(name, buffer.getvalue())
         return len(rows)
 
-    def recover(self) -> int:
+    def recover(self) -> tuple[int, set[str]]:
         """Write manifest rows for committed volumes whose row was lost (a crash between marker
-        and manifest); returns how many. Unreadable markers are removed: those volumes count as
-        partial and are generated again."""
-        listed = set(self.read_manifest()["volume_id"]) if self._has_manifest() else set()
+        and manifest); returns how many, and the ids the manifest now holds. Unreadable markers
+        are removed: those volumes count as partial and are generated again."""
+        listed = set(self.read_manifest()["volume_id"])
         rows = []
         for volume_id in sorted(self.committed_ids() - listed):
             row = self.read_marker(volume_id)
@@ -254,15 +254,9 @@ class CohortStore:
                 self.fs.rm(self.marker_path(volume_id))
             else:
                 rows.append(row)
-        return self.write_manifest(rows)
+        return self.write_manifest(rows), listed | {r["volume_id"] for r in rows}
 
     # ----- reading ----------------------------------------------------------------------------
-    def _has_manifest(self) -> bool:
-        try:
-            return bool(self.fs.ls(self._p(MANIFEST), detail=False))
-        except FileNotFoundError:
-            return False
-
     def read_manifest(self) -> pd.DataFrame:
         """One row per committed volume (the cohort's index), in plan order."""
         try:
