@@ -75,8 +75,32 @@ def test_tiny_shapes_and_dtypes():
         assert codec.decode(z).shape == (2, 1, 64, 64, 64)
         x = torch.zeros(2, TINY.latent_channels, 16, 16, 16)
         ctx = unet.context(torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.bool))
-        assert ctx.shape == (2, TINY.text.max_tokens, 384) and ctx[:, 5:].abs().sum() == 0
+        assert ctx.shape == (2, 1 + TINY.text.max_tokens, 385) and ctx[:, 6:].abs().sum() == 0
+        assert ctx[:, :6, -1].eq(1).all()
         assert unet(x, torch.tensor([1, 500]), ctx).shape == x.shape
+
+
+def test_cross_attention_masks_padding():
+    """Padded positions are masked out: what they hold changes nothing, real tokens do."""
+    torch.manual_seed(0)
+    unet = TextConditionedUNet(TINY).eval()
+    for p in unet.parameters():  # MONAI zero-initialises output projections
+        if p.dim() > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, TINY.latent_channels, 16, 16, 16)
+    t = torch.tensor([300])
+    tokens = torch.randn(1, 8, 384)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    ctx = unet.context(tokens, mask)
+    garbage = ctx.clone()
+    garbage[:, 6:, :-1] = torch.randn_like(garbage[:, 6:, :-1]) * 10
+    other = ctx.clone()
+    other[:, 2, :-1] += 1.0
+    with torch.no_grad():
+        base = unet(x, t, ctx)
+        torch.testing.assert_close(unet(x, t, garbage), base)
+        assert (unet(x, t, other) - base).abs().max() > 1e-3
+        assert (unet(x, t, unet.null_context(1)) - base).abs().max() > 1e-3
 
 
 def test_null_condition_and_dropout():
@@ -85,8 +109,9 @@ def test_null_condition_and_dropout():
     assert 1 <= int(drop.sum()) <= 16  # p = 0.1 of 64 rows
     x = torch.randn(4, TINY.latent_channels, 16, 16, 16)
     t = torch.tensor([10, 10, 10, 10])
-    ctx = torch.randn(4, TINY.text.max_tokens, 384)
+    ctx = unet.context(torch.randn(4, 9, 384), torch.ones(4, 9, dtype=torch.bool))
     null = unet.null_context(4)
+    assert null.shape == ctx.shape and null[:, 1:].abs().sum() == 0
     rows = torch.tensor([True, False, True, False])
     with torch.no_grad():
         out = unet(x, t, ctx, rows)
@@ -131,7 +156,9 @@ def test_unet_learns_to_denoise(phantoms):
     noise = torch.randn_like(latents)
     t = torch.tensor([700, 800, 900, 990])  # mostly noise: a mapping 15 steps can start on
     noisy = DDPMScheduler(num_train_timesteps=1000).add_noise(latents, noise, t)
-    ctx = torch.randn(4, TINY.text.max_tokens, 384)
+    ctx = unet.context(torch.randn(4, 9, 384), torch.ones(4, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context of shape"):
+        unet(noisy, t, torch.randn(4, TINY.text.max_tokens, 384))
     first, last = _fit(unet, lambda: (unet(noisy, t, ctx) - noise).pow(2).mean(), 12, 1e-3)
     assert last < 0.8 * first
 

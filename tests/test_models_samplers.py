@@ -21,8 +21,8 @@ def unet():
 def inputs(batch=2):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, TINY.latent_channels, 8, 8, 8, generator=g)
-    ctx = torch.randn(batch, TINY.text.max_tokens, 384, generator=g)
-    return x, ctx
+    tokens = torch.randn(batch, 12, 384, generator=g)
+    return x, TextConditionedUNet(TINY).context(tokens, torch.ones(batch, 12, dtype=torch.bool))
 
 
 def test_guidance_one_is_the_conditional_prediction(unet):

@@ -227,3 +227,21 @@ def test_diffusion_learns_on_latents(dataset, tmp_path):
     losses = [r["loss"] for r in state["history"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert state["ema"]["updates"] == 20 and math.isfinite(losses[-1])
+
+
+def test_diffusion_text_cache_matches_the_encoder(dataset, tmp_path):
+    base = config("diffusion", dataset, tmp_path)
+    base.update(diffusion={"vae": "builtin:demo", "text_cache": 2})
+    task = diffusion.DiffusionTask(parse_train_config(base), torch.device("cpu"), 1.0)
+    effusion, normal = "left pleural effusion", "no acute findings in the chest"
+    texts = [effusion, normal, effusion, "a"]
+    tokens, mask = task.encode(texts)
+    want, want_mask = task.text.encode(texts, pad_to_max=True)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(tokens, want * want_mask[..., None], atol=2e-3, rtol=2e-3)
+    assert list(task._texts) == [normal, "a"]  # oldest evicted
+    calls = []
+    encode = task.text.encode
+    task.text.encode = lambda t, **kw: calls.append(list(t)) or encode(t, **kw)
+    task.encode(["a", effusion, "a"])
+    assert calls == [[effusion]]  # only the evicted text is encoded again

@@ -78,6 +78,7 @@ class DiffusionOptions(Strict):
     vae: str | None = None  # checkpoint reference (builtin:NAME, directory, URL) with a VAE
     clip: str | None = None  # optional checkpoint whose CLIP (and text tower) ships with the model
     latent_workers: int = Field(1, ge=1)  # actors of the latent precompute job
+    text_cache: int = Field(4096, ge=0)  # frozen-encoder outputs kept per worker (0: off)
 
 
 class TrainConfig(Strict):

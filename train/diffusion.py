@@ -7,6 +7,8 @@ for classifier-free guidance. DDPM (epsilon or v) or rectified-flow (velocity) o
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,35 @@ class DiffusionTask:
         d = self.model_cfg.diffusion
         self.scheduler = make_scheduler(d, "rectified_flow" if d.objective == "rflow" else "ddpm")
         self.unet: TextConditionedUNet | None = None
+        self._texts: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen-encoder tokens and mask for ``texts``, as ``TextEncoder.encode`` pads them.
+
+        Each epoch repeats the same reports, so their real tokens are cached (float16, oldest
+        evicted first): on CPU the encoder costs about a quarter of a step.
+        """
+        missing = [t for t in dict.fromkeys(texts) if t not in self._texts]
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                tokens, mask = self.text.encode(missing, pad_to_max=True)
+            for text, tok, keep in zip(missing, tokens, mask, strict=True):
+                fresh[text] = tok[keep].to(torch.float16)
+        capacity = self.cfg.diffusion.text_cache
+        for text, tok in fresh.items():
+            if capacity:
+                self._texts[text] = tok
+        while len(self._texts) > capacity:
+            self._texts.popitem(last=False)
+        rows = [fresh[t] if t in fresh else self._texts[t] for t in texts]
+        hidden = self.model_cfg.text.hidden_size
+        tokens = torch.zeros(len(texts), self.model_cfg.text.max_tokens, hidden, device=self.device)
+        mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=self.device)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = row.float()
+            mask[i, : len(row)] = True
+        return tokens, mask
 
     def model(self) -> nn.Module:
         self.unet = TextConditionedUNet(self.model_cfg)
@@ -60,8 +91,7 @@ class DiffusionTask:
         texts = choose_texts(batch, self.cfg.data.text, gen)
         drop = self.unet.drop_mask(len(texts), gen)
         with torch.no_grad():
-            tokens, mask = self.text.encode(texts, pad_to_max=True)
-            context = self.unet.context(tokens, mask)
+            context = self.unet.context(*self.encode(texts))
         pred = model(x_t.to(self.device), t.to(self.device), context, drop.to(self.device))
         return F.mse_loss(pred.float(), target.to(self.device))
 

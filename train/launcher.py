@@ -122,6 +122,11 @@ def build_dataset(cfg: TrainConfig, rows: list[dict], use_gpu: bool):
     return ds, latents.rows, extra
 
 
+def cpu_threads(workers: int) -> int:
+    """CPU training: the cores each worker may use (Ray gives a worker one thread per CPU)."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def launch(cfg: TrainConfig, resume: bool = False):
     """Check, then train; returns Ray Train's ``Result``."""
     import pyarrow.fs
@@ -149,7 +154,9 @@ def launch(cfg: TrainConfig, resume: bool = False):
         TRAIN_FUNCS[cfg.task],
         train_loop_config={"config": cfg.model_dump(mode="json"), "rows": rows, **extra},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=lo if lo == hi else (lo, hi), use_gpu=use_gpu
+            num_workers=lo if lo == hi else (lo, hi),
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": cpu_threads(hi)},
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(
