@@ -447,6 +447,30 @@ def _read_config(directory: Path) -> ModelConfig:
         raise CheckpointError(str(exc)) from None
 
 
+def describe(ref: str | Path, storage_options: dict | None = None) -> tuple[ModelCard, str]:
+    """A checkpoint's model card and recorded content hash, without reading its weights.
+
+    A remote checkpoint is not downloaded: only its two small JSON files are read.
+    """
+    text = str(ref)
+    if "://" in text and not text.startswith("file://"):
+        import fsspec
+
+        url = text.rstrip("/")
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            card = json.loads(fs.cat_file(f"{root}/{CARD_JSON}"))
+            sums = json.loads(fs.cat_file(f"{root}/{CHECKSUMS_FILE}"))
+            return ModelCard(**card), str(sums["content_hash"])
+        except Exception as exc:
+            raise CheckpointError(f"{url}: cannot read its model card: {exc}") from exc
+    directory, _ = _locate(ref, None, storage_options, verify=False)
+    if not directory.is_dir():
+        raise CheckpointError(f"{ref}: no such checkpoint directory")
+    _, digest = _read_checksums(directory)
+    return _read_card(directory), digest
+
+
 def load_checkpoint(
     ref: str | Path,
     cache_dir: Path | None = None,

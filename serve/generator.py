@@ -1,0 +1,172 @@
+"""The generator deployment: models multiplexed by id, concurrent requests batched.
+
+:func:`run_batch` is the plain-Python core (one loaded ``Generator``, a list of jobs, one
+result each), testable without Ray; :class:`GeneratorDeployment` adds Ray Serve's model
+multiplexing (loaded on demand, least recently used evicted) and ``@serve.batch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from ray import serve
+
+from factory.models.checkpoint import CheckpointError
+from factory.models.generator import Generator, RequestError
+from serve.config import ServeConfig, parse_serve_config
+from serve.render import MEDIA_TYPES, SUFFIXES, nifti_bytes, npy_bytes, preview_png, zarr_zip_bytes
+from serve.schemas import Job, volume_id
+
+_FIELD = re.compile(r"^request \d+: ([A-Za-z_][\w.]*): (.*)$", re.S)
+
+
+@dataclass
+class Result:
+    """One response: a body with its headers, or an error naming a field."""
+
+    status: int = 200
+    body: bytes = b""
+    media_type: str = "application/octet-stream"
+    headers: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+    field: str | None = None
+
+
+def load_generator(ref: str, cfg: ServeConfig) -> Generator:
+    """Load a model; refuse one whose grid exceeds the configured voxel limit."""
+    generator = Generator.load(ref, **cfg.storage_options)
+    voxels = 1
+    for n in generator.config.size:
+        voxels *= int(n)
+    if voxels > cfg.limits.max_voxels:
+        raise CheckpointError(
+            f"{ref}: grid {tuple(generator.config.size)} has {voxels} voxels; this server's "
+            f"limit is limits.max_voxels = {cfg.limits.max_voxels}"
+        )
+    return generator
+
+
+def _request_error(exc: RequestError) -> Result:
+    match = _FIELD.match(str(exc))
+    name, message = (match.group(1), match.group(2)) if match else (None, str(exc))
+    return Result(status=422, error=message, field=name)
+
+
+def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
+    """The response body for one generated volume, with its provenance in headers."""
+    vid = volume_id(generator.model_hash, job.request)
+    record = {
+        "volume_id": vid,
+        "model": model_id,
+        "model_hash": generator.model_hash,
+        "prompt": volume.prompt,
+        "seed": volume.seed,
+        **volume.sampler,
+    }
+    if job.output == "png":
+        body = preview_png(volume, f"seed {volume.seed} | {volume.prompt}")
+    elif job.output == "nifti":
+        body = nifti_bytes(volume, f"ct-factory {model_id} seed {volume.seed}")
+    elif job.output == "npy":
+        body = npy_bytes(volume)
+    else:
+        body = zarr_zip_bytes(volume, vid, generator.config.hu_window, record)
+    headers = {
+        "X-Volume-Id": vid,
+        "X-Seed": str(volume.seed),
+        "X-Model": model_id,
+        "X-Model-Hash": generator.model_hash,
+        "X-Prompt": quote(volume.prompt, safe=" ,.:;()-'/"),
+        "X-Steps": str(volume.sampler["steps"]),
+        "X-Guidance": str(volume.sampler["guidance"]),
+        "X-Scheduler": str(volume.sampler["scheduler"]),
+        "X-Shape": ",".join(str(n) for n in volume.hu.shape),
+        "X-Spacing-Mm": ",".join(f"{s:g}" for s in volume.spacing),
+        "Content-Disposition": f'attachment; filename="{vid}{SUFFIXES[job.output]}"',
+    }
+    return Result(body=body, media_type=MEDIA_TYPES[job.output], headers=headers)
+
+
+def run_batch(generator: Generator, model_id: str, jobs: list[Job]) -> list[Result]:
+    """Generate ``jobs`` on one model in as few forward passes as their settings allow."""
+    results: list[Result | None] = [None] * len(jobs)
+    valid = []
+    for i, job in enumerate(jobs):
+        try:
+            generator.check(job.request, i)
+            valid.append(i)
+        except RequestError as exc:
+            results[i] = _request_error(exc)
+    if valid:
+        start = time.perf_counter()
+        volumes = generator.generate([jobs[i].request for i in valid], batch_size=len(valid))
+        seconds = time.perf_counter() - start
+        for i, volume in zip(valid, volumes, strict=True):
+            result = encode(generator, model_id, jobs[i], volume)
+            result.headers["X-Batch-Size"] = str(len(valid))
+            result.headers["X-Generate-Seconds"] = f"{seconds:.3f}"
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
+@serve.deployment(name="Generator")
+class GeneratorDeployment:
+    """Holds up to ``max_models_per_replica`` generators; the default model loads first."""
+
+    def __init__(self, config: dict):
+        self.cfg = parse_serve_config(config)
+        self.batch_sizes: Counter[int] = Counter()
+        self.loads: Counter[str] = Counter()
+        self.generate.set_max_batch_size(self.cfg.batching.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+        default = self.cfg.default_model
+        self._preloaded = {default: load_generator(self.cfg.models[default], self.cfg)}
+        self.default_hash = self._preloaded[default].model_hash
+
+        self.loads[default] += 1
+
+        async def load(model_id: str) -> Generator:
+            preloaded = self._preloaded.pop(model_id, None)
+            if preloaded is not None:
+                return preloaded
+            self.loads[model_id] += 1
+            return await asyncio.to_thread(load_generator, self.cfg.models[model_id], self.cfg)
+
+        # Wired per instance so that the limit comes from the config (Serve supports this).
+        self.model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(
+            load
+        )
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate(self, jobs: list[Job]) -> list[Result]:
+        """Concurrent calls arrive here together; each model's share runs as one batch."""
+        self.batch_sizes[len(jobs)] += 1
+        by_model: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_model.setdefault(job.model, []).append(i)
+        results: list[Result | None] = [None] * len(jobs)
+        for model_id, members in by_model.items():
+            try:
+                generator = await self.model(model_id)
+            except CheckpointError as exc:
+                for i in members:
+                    results[i] = Result(status=503, error=f"model {model_id}: {exc}")
+                continue
+            share = [jobs[i] for i in members]
+            out = await asyncio.to_thread(run_batch, generator, model_id, share)
+            for i, result in zip(members, out, strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def stats(self) -> dict:
+        """Batch sizes and model loads seen by this replica (readiness, tests, benchmarks)."""
+        return {
+            "default_model_hash": self.default_hash,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "model_loads": dict(self.loads),
+        }

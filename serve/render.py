@@ -1,0 +1,104 @@
+"""Generated volumes as response bodies: NIfTI, .npy, a Zarr zip store, or a PNG preview.
+
+The preview is drawn with numpy and Pillow (no matplotlib figure) so that a UI gets it fast:
+three mid-planes in the lung and mediastinal windows, resampled to square millimetres.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tempfile
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import zarr
+from PIL import Image, ImageDraw
+
+from factory.models.generator import Volume
+from factory.phantom.preview import WINDOWS, planes
+from factory.store.layout import write_volume
+
+MEDIA_TYPES = {
+    "nifti": "application/gzip",
+    "npy": "application/octet-stream",
+    "zarr": "application/zip",
+    "png": "image/png",
+}
+SUFFIXES = {"nifti": ".nii.gz", "npy": ".npy", "zarr": ".zarr.zip", "png": ".png"}
+PREVIEW_PX = 192  # longest side of each plane in the preview
+
+
+def nifti_bytes(volume: Volume, description: str = "") -> bytes:
+    """A gzipped NIfTI-1 of the int16 HU with the volume's RAS+ affine (sform and qform)."""
+    image = nib.Nifti1Image(np.asarray(volume.hu, np.int16), volume.affine)
+    image.header.set_xyzt_units("mm")
+    image.header.set_sform(volume.affine, code=1)
+    image.header.set_qform(volume.affine, code=1)
+    image.header["descrip"] = description.encode("ascii", "replace")[:79]
+    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+
+
+def npy_bytes(volume: Volume) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(volume.hu, np.int16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def zarr_zip_bytes(volume: Volume, volume_id: str, hu_window, record: dict) -> bytes:
+    """The cohort store's volume layout (OME-Zarr 0.5, masks as a label image) in a zip.
+
+    Written to a folder first and zipped after (stored, the chunks are compressed already):
+    writing a ZipStore directly leaves duplicate entries for metadata updated in place.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        root = zarr.open_group(Path(tmp) / "volume", mode="w")
+        args = (volume.hu, volume.masks, volume.affine, volume.spacing, hu_window, record)
+        write_volume(root, volume_id, *args)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for path in sorted((Path(tmp) / "volume").rglob("*")):
+                if path.is_file():
+                    archive.write(path, path.relative_to(Path(tmp) / "volume").as_posix())
+        return buffer.getvalue()
+
+
+def _windowed(image: np.ndarray, level: float, width: float) -> np.ndarray:
+    low = level - width / 2
+    return (np.clip((image - low) / width, 0, 1) * 255).astype(np.uint8)
+
+
+def preview_png(volume: Volume, caption: str = "") -> bytes:
+    """2 x 3 grid: lung and mediastinal windows x axial, coronal, sagittal mid-planes."""
+    sx, sy, sz = volume.spacing
+    extent = {"axial": (sx, sy), "coronal": (sx, sz), "sagittal": (sy, sz)}  # (col, row) mm
+    views = planes(np.asarray(volume.hu, np.float32))
+    tiles = []
+    for level, width in WINDOWS.values():
+        row = []
+        for name, image in views.items():
+            col_mm, row_mm = extent[name]
+            h, w = image.shape
+            scale = PREVIEW_PX / max(h * row_mm, w * col_mm)
+            size = (max(1, round(w * col_mm * scale)), max(1, round(h * row_mm * scale)))
+            tile = Image.fromarray(_windowed(image, level, width)).resize(size, Image.BILINEAR)
+            row.append(tile)
+        tiles.append(row)
+    pad, text_h = 4, 16 if caption else 0
+    width = sum(t.width for t in tiles[0]) + pad * 4
+    height = sum(max(t.height for t in row) for row in tiles) + pad * 3 + text_h
+    canvas = Image.new("L", (width, height), 0)
+    y = pad
+    for row in tiles:
+        x = pad
+        for tile in row:
+            canvas.paste(tile, (x, y))
+            x += tile.width + pad
+        y += max(t.height for t in row) + pad
+    if caption:
+        ImageDraw.Draw(canvas).text((pad, y), caption[:120], fill=200)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()

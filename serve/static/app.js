@@ -1,0 +1,141 @@
+// ct-factory web page: builds the same JSON body as the API docs show, posts it to
+// /v1/previews for the picture and to /v1/volumes for the NIfTI download.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let lastBody = null;
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("apikey").value.trim();
+  if (key) h["X-API-Key"] = key;
+  return h;
+}
+
+function body() {
+  const b = {};
+  if (document.querySelector("input[name=mode]:checked").value === "prompt") {
+    b.prompt = $("prompt").value;
+  } else {
+    b.findings = [...document.querySelectorAll("#findings input:checked")].map((c) => c.value);
+    if ($("age").value) b.age = Number($("age").value);
+    if ($("sex").value) b.sex = $("sex").value;
+  }
+  if ($("seed").value !== "") b.seed = Number($("seed").value);
+  if ($("steps").value !== "") b.steps = Number($("steps").value);
+  if ($("guidance").value !== "") b.guidance = Number($("guidance").value);
+  if ($("model").value) b.model = $("model").value;
+  return b;
+}
+
+function status(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+async function failure(response) {
+  try {
+    const e = await response.json();
+    return `${response.status}: ${e.error}`;
+  } catch (_) {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+function showProvenance(response) {
+  const rows = [
+    ["Seed", response.headers.get("X-Seed")],
+    ["Prompt", decodeURIComponent(response.headers.get("X-Prompt") || "")],
+    ["Model", `${response.headers.get("X-Model")} (${(response.headers.get("X-Model-Hash") || "").slice(0, 12)})`],
+    ["Volume id", response.headers.get("X-Volume-Id")],
+    ["Grid", `${response.headers.get("X-Shape")} voxels of ${response.headers.get("X-Spacing-Mm")} mm`],
+  ];
+  const dl = $("provenance");
+  dl.replaceChildren();
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    dl.append(dt, dd);
+  }
+}
+
+async function generate(event) {
+  event.preventDefault();
+  const b = body();
+  $("generate").disabled = true;
+  status("Generating…", false);
+  const started = performance.now();
+  try {
+    const response = await fetch("/v1/previews", { method: "POST", headers: headers(), body: JSON.stringify(b) });
+    if (!response.ok) {
+      status(await failure(response), true);
+      return;
+    }
+    const blob = await response.blob();
+    const img = $("preview");
+    if (img.src) URL.revokeObjectURL(img.src);
+    img.src = URL.createObjectURL(blob);
+    img.hidden = false;
+    b.seed = Number(response.headers.get("X-Seed")); // the download is the same volume
+    lastBody = b;
+    $("download").disabled = false;
+    showProvenance(response);
+    status(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s`, false);
+  } catch (err) {
+    status(`Request failed: ${err}`, true);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+async function download() {
+  if (!lastBody) return;
+  status("Generating the NIfTI…", false);
+  const response = await fetch("/v1/volumes", {
+    method: "POST", headers: headers(), body: JSON.stringify({ ...lastBody, format: "nifti" }),
+  });
+  if (!response.ok) {
+    status(await failure(response), true);
+    return;
+  }
+  const url = URL.createObjectURL(await response.blob());
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = `${response.headers.get("X-Volume-Id")}.nii.gz`;
+  a.click();
+  URL.revokeObjectURL(url);
+  status("NIfTI downloaded", false);
+}
+
+async function init() {
+  const findings = await fetch("/v1/findings").then((r) => r.json());
+  for (const f of findings.findings) {
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.value = f.id;
+    label.append(box, ` ${f.name}`);
+    $("findings").append(label);
+  }
+  for (const radio of document.querySelectorAll("input[name=mode]")) {
+    radio.addEventListener("change", () => {
+      const useFindings = radio.value === "findings" && radio.checked;
+      $("prompt").hidden = useFindings;
+      $("findings").hidden = !useFindings;
+      $("demographics").hidden = !useFindings;
+    });
+  }
+  const models = await fetch("/v1/models", { headers: headers() });
+  if (models.ok) {
+    for (const m of (await models.json()).models) {
+      const option = new Option(m.id, m.id, m.default, m.default);
+      $("model").append(option);
+    }
+  }
+  $("form").addEventListener("submit", generate);
+  $("download").addEventListener("click", download);
+}
+
+init();

@@ -1,0 +1,78 @@
+"""``ctfactory serve`` as users run it: builtin:demo on 127.0.0.1, an API key, a NIfTI back."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+
+from factory.models.generator import Generator
+
+from .conftest import ROOT, ctfactory_bin
+from .test_serve_ray import free_port
+
+
+def test_bad_serve_config_exits_2(run_cli, tmp_path):
+    bad = tmp_path / "serve.yaml"
+    app = "  - import_path: serve.app:build_app\n    args:\n      limits: {max_steps: 0}\n"
+    bad.write_text("applications:\n" + app)
+    proc = run_cli("serve", "--config", str(bad))
+    assert proc.returncode == 2
+    assert "limits.max_steps" in proc.stderr and "greater than or equal to 1" in proc.stderr
+    proc = run_cli("serve", "--model", "broken")
+    assert proc.returncode == 2 and "--model 'broken': expected ID=REF" in proc.stderr
+
+
+def test_ctfactory_serve_returns_a_valid_nifti_of_builtin_demo(cluster):
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": cluster, "CTFACTORY_API_KEY": "k-123"}
+    command = [*ctfactory_bin(), "serve", "--port", str(port)]
+    output = open(os.devnull, "w")  # noqa: SIM115 (closed with the process below)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=output)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"ctfactory serve exited with {proc.returncode}"
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:  # not listening yet, refused, timed out or 503
+                pass
+            assert time.monotonic() < deadline, "ctfactory serve never became ready"
+            time.sleep(1)
+        body = json.dumps({"prompt": "Large bilateral pleural effusion.", "seed": 3, "steps": 4})
+        request = urllib.request.Request(base + "/v1/volumes", data=body.encode(), method="POST")
+        request.add_header("Content-Type", "application/json")
+        try:
+            urllib.request.urlopen(request, timeout=120)
+            raise AssertionError("a request without the API key was served")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 401
+        request.add_header("X-API-Key", "k-123")
+        with urllib.request.urlopen(request, timeout=120) as response:
+            data, headers = response.read(), response.headers
+        image = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+        hu = np.asarray(image.dataobj)
+        demo = Generator.load("builtin:demo", device="cpu")
+        assert hu.shape == tuple(demo.config.size) and hu.dtype == np.int16
+        np.testing.assert_allclose(image.affine, demo.grid.affine())
+        assert headers["X-Model-Hash"] == demo.model_hash and headers["X-Seed"] == "3"
+        assert -1024 <= hu.min() < hu.max() <= 3071
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        output.close()
+    assert proc.returncode == 130  # interrupted: Serve shut down, the CLI's exit code for ^C

@@ -1,0 +1,160 @@
+"""The serving pieces without Ray: config, request resolution, rendering, the batch core."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from factory.models.generator import Generator, Request
+from factory.store.layout import read_volume
+from serve.cli import config_from_args
+from serve.config import ServeConfigError, load_serve_config, parse_serve_config
+from serve.generator import run_batch
+from serve.schemas import (
+    FieldError,
+    Job,
+    PreviewRequest,
+    decode_mask,
+    findings_prompt,
+    resolve,
+    volume_id,
+)
+
+from .store_helpers import small_model
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    return Generator.load(str(small_model(tmp_path_factory.mktemp("m") / "small")), device="cpu")
+
+
+def _b64(mask: np.ndarray, zipped: bool = False) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, mask)
+    raw = gzip.compress(buffer.getvalue()) if zipped else buffer.getvalue()
+    return base64.b64encode(raw).decode()
+
+
+def test_shipped_config_is_valid_and_errors_name_the_key(tmp_path):
+    cfg = load_serve_config("serve/config.yaml")
+    assert cfg.models == {"demo": "builtin:demo"} and cfg.default_model == "demo"
+    cases = [
+        ({"default_model": "nope"}, "default_model"),
+        ({"models": {"bad id!": "builtin:demo"}, "default_model": "bad id!"}, "is not valid"),
+        ({"limits": {"max_stepz": 3}}, "limits.max_stepz"),
+        ({"limits": {"default_steps": 50, "max_steps": 10}}, "default_steps 50 > max_steps 10"),
+        ({"batching": {"max_batch_size": 16}}, "batches could not fill"),
+        ({"autoscaling": {"min_replicas": 3, "max_replicas": 1}}, "min_replicas 3"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ServeConfigError, match=message):
+            parse_serve_config(args, "x.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications: 3\n")
+    with pytest.raises(ServeConfigError, match=r"bad\.yaml: expected a Ray Serve config"):
+        load_serve_config(bad)
+
+
+def test_cli_config_overrides():
+    import argparse
+
+    ns = argparse.Namespace(
+        config="serve/config.yaml", model=["big=s3://m/big"], default_model="big", port=8000
+    )
+    args = config_from_args(ns)
+    assert args["models"] == {"demo": "builtin:demo", "big": "s3://m/big"}
+    assert args["default_model"] == "big"
+    from factory.cli import UsageError
+
+    with pytest.raises(UsageError, match="expected ID=REF"):
+        config_from_args(argparse.Namespace(**{**vars(ns), "model": ["big"]}))
+    with pytest.raises(UsageError, match="default_model 'x' is not in models"):
+        config_from_args(argparse.Namespace(**{**vars(ns), "default_model": "x"}))
+
+
+def test_findings_become_a_seeded_structured_prompt():
+    a = findings_prompt({"Pleural effusion": {"laterality": "left"}}, 70, "M", seed=5)
+    assert a == findings_prompt({"pleural_effusion": {"laterality": "left"}}, 70, "M", seed=5)
+    assert a.startswith("70 years old male:") and "left" in a and "effusion" in a.lower()
+    normal = findings_prompt([], None, None, seed=1)
+    assert "years old" in normal and "effusion" not in normal.lower()
+    with pytest.raises(FieldError, match="did you mean 'pleural_effusion'") as info:
+        findings_prompt(["pleural efusion"], None, None, seed=1)
+    assert info.value.field == "findings.pleural efusion"
+    with pytest.raises(FieldError, match="has no attribute 'side'"):
+        findings_prompt({"pleural_effusion": {"side": "left"}}, None, None, seed=1)
+
+
+def test_resolve_applies_limits_and_defaults():
+    cfg = parse_serve_config({"limits": {"max_steps": 10, "default_steps": 4}})
+    model, req = resolve(PreviewRequest(prompt="Cardiomegaly."), cfg, "png")
+    assert model == "demo" and req.steps == 4 and req.guidance == 5.0 and 0 <= req.seed < 2**31
+    with pytest.raises(FieldError, match="exceeds this server's limit of 10") as info:
+        resolve(PreviewRequest(prompt="x", steps=11), cfg, "png")
+    assert info.value.field == "steps"
+    with pytest.raises(FieldError, match="unknown model 'other'; valid: demo"):
+        resolve(PreviewRequest(prompt="x", model="other"), cfg, "png")
+    with pytest.raises(FieldError, match="at most 2000"):
+        resolve(PreviewRequest(prompt="x" * 2001), cfg, "png")
+    with pytest.raises(ValueError, match="exactly one of 'prompt' or 'findings'"):
+        PreviewRequest(prompt="x", findings=["emphysema"])
+
+
+def test_masks_decode_or_name_the_field():
+    mask = np.zeros((4, 4, 4), np.uint8)
+    mask[1:3] = 1
+    assert decode_mask("lungs", _b64(mask), 10**6).sum() == 32
+    assert decode_mask("lungs", _b64(mask.astype(bool), zipped=True), 10**6).sum() == 32
+    bad = [
+        ("@@@", "not valid base64"),
+        (base64.b64encode(b"not npy").decode(), "not a .npy"),
+        (_b64(mask * 3), "values must be 0 or 1"),
+        (_b64(np.zeros((4, 4))), "expected a 3D"),
+        (_b64(np.zeros((4, 4, 4), np.float32)), "expected a 3D 0/1 integer"),
+    ]
+    for text, message in bad:
+        with pytest.raises(FieldError, match=message) as info:
+            decode_mask("lungs", text, 10**6)
+        assert info.value.field == "masks.lungs"
+
+
+def test_run_batch_renders_every_format_and_reports_bad_jobs(generator, tmp_path):
+    grid = tuple(generator.config.size)
+    good = Request("Pleural effusion.", seed=3, steps=2)
+    jobs = [
+        Job("small", good, "nifti"),
+        Job("small", good, "npy"),
+        Job("small", Request("x", seed=1, steps=2, masks={"liver": np.zeros(grid)}), "nifti"),
+        Job("small", good, "zarr"),
+        Job("small", good, "png"),
+    ]
+    results = run_batch(generator, "small", jobs)
+    assert [r.status for r in results] == [200, 200, 422, 200, 200]
+    assert results[2].field == "masks.liver" and "valid: lungs, heart" in results[2].error
+    assert {r.headers["X-Batch-Size"] for r in results if r.status == 200} == {"4"}
+    vid = volume_id(generator.model_hash, good)
+    assert results[0].headers["X-Volume-Id"] == vid and results[0].headers["X-Seed"] == "3"
+
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(results[0].body))
+    hu = np.asarray(image.dataobj)
+    assert hu.shape == grid and hu.dtype == np.int16
+    np.testing.assert_allclose(image.affine, generator.grid.affine())
+    assert int(image.header["sform_code"]) == 1 and -1024 <= hu.min() <= hu.max() <= 3071
+    assert np.array_equal(np.load(io.BytesIO(results[1].body)), hu)
+
+    path = tmp_path / "volume.zarr.zip"
+    path.write_bytes(results[3].body)
+    stored = read_volume(zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r"), vid)
+    assert np.array_equal(stored.hu, hu) and set(stored.masks) == {"lungs", "heart"}
+    assert stored.record["prompt"] == "Pleural effusion." and stored.record["seed"] == 3
+
+    png = Image.open(io.BytesIO(results[4].body))
+    assert png.format == "PNG" and png.width > 3 * 150 and png.height > 2 * 150
+    assert len(set(np.asarray(png).ravel().tolist())) > 16  # a picture, not a flat field

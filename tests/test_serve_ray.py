@@ -1,0 +1,342 @@
+"""The Ray Serve application on a real local Ray, called over real HTTP on 127.0.0.1.
+
+One application for the module: two small random models (``small``, ``other``), one model
+per replica (so switching evicts), batches of up to 4 gathered for 0.5 s, at most 4 requests
+in flight and 2 queued per caller, an API key required. Also: the OpenAPI spec fuzzed with
+schemathesis, and the web page driven in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import unquote
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from factory.models.checkpoint import load_checkpoint
+from factory.phantom.grid import Grid
+from factory.store.layout import read_volume
+
+from .store_helpers import small_model
+
+KEY_ENV, KEY = "CTFACTORY_TEST_SERVE_KEY", "s3cret-key"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Http:
+    """Minimal HTTP client (urllib): returns (status, headers, body) and never raises on 4xx."""
+
+    def __init__(self, base: str):
+        self.base = base
+
+    def call(self, method, path, body=None, key=KEY, raw=None, headers=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if key:
+            request.add_header("X-API-Key", key)
+        for k, v in (headers or {}).items():
+            request.add_header(k, v)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, exc.read()
+
+    def post(self, path, body=None, **kw):
+        return self.call("POST", path, body, **kw)
+
+    def get(self, path, **kw):
+        return self.call("GET", path, **kw)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-models")
+    return {"small": small_model(root / "small", seed=0), "other": small_model(root / "o", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def http(cluster, models):
+    from ray import serve
+
+    from serve.app import build_app
+
+    os.environ[KEY_ENV] = KEY
+    args = {
+        "models": {k: str(v) for k, v in models.items()},
+        "default_model": "small",
+        "max_models_per_replica": 1,
+        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
+        "limits": {
+            "max_steps": 4,
+            "default_steps": 2,
+            "max_prompt_chars": 300,
+            "max_body_bytes": 65536,
+            "max_ongoing_requests": 4,
+            "max_queued_requests": 2,
+            "request_timeout_s": 120,
+        },
+        "api_key_env": KEY_ENV,
+    }
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="ct-factory", route_prefix="/")
+    client = Http(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 120
+    while client.get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, "the application never became ready"
+        time.sleep(1)
+    yield client
+    serve.shutdown()
+    os.environ.pop(KEY_ENV, None)
+
+
+def test_routes_health_models_docs_and_page(http, models):
+    assert http.get("/healthz", key=None)[0] == 200
+    status, _, body = http.get("/readyz", key=None)
+    assert status == 200 and json.loads(body)["status"] == "ready"
+    status, _, body = http.get("/v1/models")
+    listed = {m["id"]: m for m in json.loads(body)["models"]}
+    assert status == 200 and set(listed) == {"small", "other"} and listed["small"]["default"]
+    assert listed["other"]["hash"] == load_checkpoint(models["other"]).hash
+    assert listed["small"]["card"]["name"] == "test-small-random"
+    findings = json.loads(http.get("/v1/findings", key=None)[2])["findings"]
+    assert len(findings) == 18 and findings[0]["name"]
+    spec = json.loads(http.get("/openapi.json", key=None)[2])
+    assert {"/v1/volumes", "/v1/previews", "/v1/models", "/healthz", "/readyz"} <= set(
+        spec["paths"]
+    )
+    assert "X-API-Key" in json.dumps(spec["components"]["securitySchemes"])
+    assert b"swagger" in http.get("/docs", key=None)[2].lower()
+    page = http.get("/", key=None)
+    assert page[0] == 200 and b"Generate" in page[2]
+    assert http.get("/static/app.js", key=None)[0] == 200
+
+
+def test_nifti_is_valid_and_the_seed_reproduces_it(http, models):
+    body = {"prompt": "Large bilateral pleural effusion.", "seed": 11, "steps": 2}
+    status, headers, data = http.post("/v1/volumes", body)
+    assert status == 200, data
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    hu = np.asarray(image.dataobj)
+    config = load_checkpoint(models["small"]).config
+    assert hu.shape == tuple(config.size) and hu.dtype == np.int16
+    np.testing.assert_allclose(image.affine, Grid(config.size, config.spacing_mm).affine())
+    assert -1024 <= hu.min() < hu.max() <= 3071
+    assert headers["X-Seed"] == "11" and headers["X-Model"] == "small"
+    assert headers["X-Model-Hash"] == load_checkpoint(models["small"]).hash
+    assert unquote(headers["X-Prompt"]) == body["prompt"]
+    again = http.post("/v1/volumes", body)
+    assert again[1]["X-Volume-Id"] == headers["X-Volume-Id"]
+    assert np.array_equal(
+        np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(again[2])).dataobj), hu
+    )
+    other = http.post("/v1/volumes", {**body, "seed": 12})
+    assert other[1]["X-Volume-Id"] != headers["X-Volume-Id"]
+    unseeded = http.post("/v1/volumes", {"prompt": "Emphysema.", "format": "npy"})
+    assert unseeded[0] == 200 and int(unseeded[1]["X-Seed"]) >= 0
+    assert np.load(io.BytesIO(unseeded[2])).shape == tuple(config.size)
+
+
+def test_findings_masks_zarr_and_preview(http, tmp_path):
+    grid = (32, 32, 32)
+    lungs = np.zeros(grid, np.uint8)
+    lungs[4:28, 6:26, 4:28] = 1
+    buffer = io.BytesIO()
+    np.save(buffer, lungs)
+    body = {
+        "findings": {"pleural_effusion": {"laterality": "left"}, "Cardiomegaly": {}},
+        "age": 70,
+        "sex": "F",
+        "seed": 4,
+        "format": "zarr",
+        "masks": {"lungs": base64.b64encode(gzip.compress(buffer.getvalue())).decode()},
+    }
+    status, headers, data = http.post("/v1/volumes", body)
+    assert status == 200, data
+    prompt = unquote(headers["X-Prompt"])
+    assert prompt.startswith("70 years old female:") and "left" in prompt
+    path = tmp_path / "v.zarr.zip"
+    path.write_bytes(data)
+    root = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
+    stored = read_volume(root, headers["X-Volume-Id"])
+    assert stored.hu.shape == grid and set(stored.masks) == {"lungs", "heart"}
+    assert stored.record["prompt"] == prompt
+    overlap = (stored.masks["lungs"] > 0) == (lungs > 0)
+    assert overlap.mean() > 0.9  # the fixed channel comes back (decoded on the latent grid)
+    status, headers, png = http.post("/v1/previews", {"prompt": "Cardiomegaly.", "seed": 2})
+    assert status == 200 and headers["Content-Type"] == "image/png" and png[:4] == b"\x89PNG"
+
+
+BAD = [
+    ("malformed JSON", {"raw": b'{"prompt": "x",'}, 422, "body"),
+    ("neither prompt nor findings", {"body": {"seed": 1}}, 422, "body"),
+    ("wrong type", {"body": {"prompt": "x", "steps": "many"}}, 422, "steps"),
+    ("steps over the limit", {"body": {"prompt": "x", "steps": 5}}, 422, "steps"),
+    ("steps of zero", {"body": {"prompt": "x", "steps": 0}}, 422, "steps"),
+    ("guidance too high", {"body": {"prompt": "x", "guidance": 25}}, 422, "guidance"),
+    ("negative seed", {"body": {"prompt": "x", "seed": -1}}, 422, "seed"),
+    ("prompt too long", {"body": {"prompt": "x" * 301}}, 422, "prompt"),
+    ("unknown model", {"body": {"prompt": "x", "model": "gpt"}}, 422, "model"),
+    ("unknown finding", {"body": {"findings": ["pleural efusion"]}}, 422, "findings."),
+    ("unknown key", {"body": {"prompt": "x", "colour": "red"}}, 422, "colour"),
+    ("unknown format", {"body": {"prompt": "x", "format": "dicom"}}, 422, "format"),
+    ("mask of the wrong grid", {"body": {"prompt": "x", "masks": {"lungs": "AAAA"}}}, 422, "masks"),
+    ("oversized body", {"raw": b'{"prompt": "' + b"x" * 70000 + b'"}'}, 413, "body"),
+    ("missing API key", {"body": {"prompt": "x"}, "key": None}, 401, "X-API-Key"),
+    ("wrong API key", {"body": {"prompt": "x"}, "key": "guess"}, 401, "X-API-Key"),
+]
+
+
+@pytest.mark.parametrize(("case", "kwargs", "code", "field"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_naming_the_field(http, case, kwargs, code, field):
+    status, _, data = http.post("/v1/volumes", **kwargs)
+    assert status == code, data
+    error = json.loads(data)
+    assert error["field"].startswith(field) and error["error"]
+    if case == "unknown finding":
+        assert "did you mean 'pleural_effusion'" in error["error"]
+
+
+def test_concurrent_requests_share_a_batch(http):
+    from ray import serve
+
+    bodies = [{"prompt": f"Nodule {i}.", "seed": i, "steps": 2, "format": "npy"} for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: http.post("/v1/volumes", b), bodies))
+    assert [r[0] for r in results] == [200] * 4
+    assert max(int(r[1]["X-Batch-Size"]) for r in results) >= 2
+    generator = serve.get_deployment_handle("Generator", app_name="ct-factory")
+    sizes = generator.stats.remote().result()["batch_sizes"]
+    assert any(int(size) >= 2 for size in sizes)
+    # Batched or alone, a seed gives the same volume.
+    alone = http.post("/v1/volumes", bodies[2])
+    assert np.array_equal(np.load(io.BytesIO(alone[2])), np.load(io.BytesIO(results[2][2])))
+
+
+def test_models_are_multiplexed_and_evicted(http, models):
+    from ray import serve
+
+    generator = serve.get_deployment_handle("Generator", app_name="ct-factory")
+    before = generator.stats.remote().result()["model_loads"]
+    hashes = []
+    for model in ("other", "small"):
+        status, headers, _ = http.post(
+            "/v1/volumes", {"prompt": "x", "seed": 1, "model": model, "format": "npy"}
+        )
+        assert status == 200
+        hashes.append(headers["X-Model-Hash"])
+    assert hashes == [load_checkpoint(models[m]).hash for m in ("other", "small")]
+    after = generator.stats.remote().result()["model_loads"]
+    assert after["other"] == before.get("other", 0) + 1
+    assert after["small"] == before["small"] + 1  # one model per replica: evicted, reloaded
+
+
+def test_a_full_queue_answers_503_and_the_service_recovers(http):
+    body = {"prompt": "Emphysema.", "steps": 4, "format": "npy"}
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: http.post("/v1/volumes", {**body, "seed": i}), range(16)))
+    codes = [r[0] for r in results]
+    assert set(codes) == {200, 503} and codes.count(200) >= 4
+    busy = next(r for r in results if r[0] == 503)
+    assert int(busy[1]["Retry-After"]) >= 1 and "queue is full" in json.loads(busy[2])["error"]
+    assert http.post("/v1/volumes", {**body, "seed": 99})[0] == 200
+
+
+def test_openapi_fuzzed_with_schemathesis_gives_no_5xx(http):
+    """Schemathesis's own runner against the served spec: no 5xx, documented codes only."""
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance"
+    command = [
+        str(Path(sys.executable).parent / "schemathesis"), "run", http.base + "/openapi.json",
+        "--checks", checks, "--header", f"X-API-Key: {KEY}", "--max-examples", "20",
+        "--request-timeout", "120", "--workers", "1", "--no-color",
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    generated = re.search(r"(\d+) generated", proc.stdout)
+    assert generated and int(generated.group(1)) >= 100, proc.stdout[-4000:]
+    assert "failures" not in proc.stdout.lower(), proc.stdout[-4000:]
+    assert re.search(r"Operations:\s+6 selected / 6 total", proc.stdout)
+
+
+def test_web_page_in_headless_chromium(http):
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), (
+        "the browser test needs Debian's chromium and chromium-driver: "
+        "apt-get install chromium chromium-driver (make browser)"
+    )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager look for drivers online
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get(http.base + "/")
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#findings input"))
+        driver.find_element(By.ID, "apikey").send_keys(KEY)
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("Moderate cardiomegaly.")
+        driver.find_element(By.ID, "seed").send_keys("5")
+        driver.find_element(By.ID, "steps").clear()
+        driver.find_element(By.ID, "steps").send_keys("2")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "preview")))
+        wait.until(
+            lambda d: d.execute_script("return document.getElementById('preview').naturalWidth") > 0
+        )
+        assert "Done in" in driver.find_element(By.ID, "status").text
+        assert "Moderate cardiomegaly." in driver.find_element(By.ID, "provenance").text
+        assert driver.find_element(By.ID, "download").is_enabled()
+        # The only error allowed: the model list, asked for before the key was typed (401).
+        errors = [
+            e
+            for e in driver.get_log("browser")
+            if e["level"] == "SEVERE"
+            and not ("/v1/models" in e["message"] and "401" in e["message"])
+        ]
+        assert not errors, errors
+        # A bad value is shown, not swallowed.
+        driver.find_element(By.ID, "steps").clear()
+        driver.find_element(By.ID, "steps").send_keys("9")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "422" in d.find_element(By.ID, "status").text)
+        assert "steps" in driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
