@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ct-factory-installed
 
-.PHONY: demo demo-model test lint format install clean
+.PHONY: demo demo-model test lint format install browser clean
 
 install: $(STAMP)
 
@@ -26,7 +26,7 @@ demo: $(STAMP)
 	@echo "      montage in $(DEMO_OUT)/cohort/report (docs/factory.md); its plan in"
 	@echo "      $(DEMO_OUT)/demo-plan.png (docs/cohort-spec.md); phantoms in $(DEMO_OUT)/phantom"
 
-# builtin:demo from scratch on CPU (about an hour on 2 cores; docs/training.md): phantom data,
+# builtin:demo from scratch on CPU (about two hours on 2 cores; docs/training.md): phantom data,
 # then the VAE, the 3D CLIP and latent diffusion, each exported; the last step measures the
 # model, draws its prompt-pair pictures and writes it to factory/models/builtin/demo.
 DEMO_BUILD ?= build
@@ -55,8 +55,16 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
-	$(BIN)/python -m pytest -q
+# The web page test drives Debian's Chromium through its ChromeDriver.
+BROWSER = /usr/bin/chromium /usr/bin/chromedriver
+browser: $(BROWSER)
+$(BROWSER):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
+test: lint $(BROWSER)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .hypothesis

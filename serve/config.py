@@ -81,7 +81,7 @@ class ServeConfig(Strict):
     limits: Limits = Limits()
     autoscaling: Autoscaling = Autoscaling()
     gpus_per_replica: float | Literal["auto"] = "auto"  # auto: 1 when the cluster has GPUs
-    cpus_per_replica: float = Field(1.0, gt=0)
+    cpus_per_replica: float = Field(2.0, gt=0)  # on CPU also the replica's torch threads
     api_key_env: str | None = "CTFACTORY_API_KEY"  # when that variable is set, keys are required
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are listed
 

@@ -14,12 +14,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+import numpy as np
+import torch
 from ray import serve
 
 from factory.models.checkpoint import CheckpointError
 from factory.models.generator import Generator, RequestError
+from factory.store.nifti import nifti_bytes
 from serve.config import ServeConfig, parse_serve_config
-from serve.render import MEDIA_TYPES, SUFFIXES, nifti_bytes, npy_bytes, preview_png, zarr_zip_bytes
+from serve.render import MEDIA_TYPES, SUFFIXES, npy_bytes, preview_png, zarr_zip_bytes
 from serve.schemas import Job, volume_id
 
 _FIELD = re.compile(r"^request \d+: ([A-Za-z_][\w.]*): (.*)$", re.S)
@@ -71,7 +74,7 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
     if job.output == "png":
         body = preview_png(volume, f"seed {volume.seed} | {volume.prompt}")
     elif job.output == "nifti":
-        body = nifti_bytes(volume, f"ct-factory {model_id} seed {volume.seed}")
+        body = nifti_bytes(np.asarray(volume.hu, np.int16), volume.affine)
     elif job.output == "npy":
         body = npy_bytes(volume)
     else:
@@ -120,6 +123,8 @@ class GeneratorDeployment:
 
     def __init__(self, config: dict):
         self.cfg = parse_serve_config(config)
+        if not torch.cuda.is_available():  # Ray starts actors with one thread
+            torch.set_num_threads(max(1, round(self.cfg.cpus_per_replica)))
         self.batch_sizes: Counter[int] = Counter()
         self.loads: Counter[str] = Counter()
         self.generate.set_max_batch_size(self.cfg.batching.max_batch_size)
@@ -169,4 +174,5 @@ class GeneratorDeployment:
             "default_model_hash": self.default_hash,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "model_loads": dict(self.loads),
+            "torch_threads": torch.get_num_threads(),
         }

@@ -6,13 +6,11 @@ three mid-planes in the lung and mediastinal windows, resampled to square millim
 
 from __future__ import annotations
 
-import gzip
 import io
 import tempfile
 import zipfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import zarr
 from PIL import Image, ImageDraw
@@ -29,16 +27,6 @@ MEDIA_TYPES = {
 }
 SUFFIXES = {"nifti": ".nii.gz", "npy": ".npy", "zarr": ".zarr.zip", "png": ".png"}
 PREVIEW_PX = 192  # longest side of each plane in the preview
-
-
-def nifti_bytes(volume: Volume, description: str = "") -> bytes:
-    """A gzipped NIfTI-1 of the int16 HU with the volume's RAS+ affine (sform and qform)."""
-    image = nib.Nifti1Image(np.asarray(volume.hu, np.int16), volume.affine)
-    image.header.set_xyzt_units("mm")
-    image.header.set_sform(volume.affine, code=1)
-    image.header.set_qform(volume.affine, code=1)
-    image.header["descrip"] = description.encode("ascii", "replace")[:79]
-    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 
 
 def npy_bytes(volume: Volume) -> bytes:

@@ -49,7 +49,7 @@ class PreviewRequest(BaseModel):
             "examples": [
                 {"prompt": "Large bilateral pleural effusion.", "seed": 7},
                 {"findings": {"pleural_effusion": {"laterality": "left"}}, "age": 70, "sex": "M"},
-            ]
+            ],
         },
     )
 

@@ -267,7 +267,7 @@ def test_a_full_queue_answers_503_and_the_service_recovers(http):
     assert http.post("/v1/volumes", {**body, "seed": 99})[0] == 200
 
 
-def test_openapi_fuzzed_with_schemathesis_gives_no_5xx(http):
+def test_openapi_fuzzed_with_schemathesis_gives_no_5xx(http, tmp_path):
     """Schemathesis's own runner against the served spec: no 5xx, documented codes only."""
     checks = "not_a_server_error,status_code_conformance,content_type_conformance"
     command = [
@@ -275,7 +275,7 @@ def test_openapi_fuzzed_with_schemathesis_gives_no_5xx(http):
         "--checks", checks, "--header", f"X-API-Key: {KEY}", "--max-examples", "20",
         "--request-timeout", "120", "--workers", "1", "--no-color",
     ]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     generated = re.search(r"(\d+) generated", proc.stdout)
     assert generated and int(generated.group(1)) >= 100, proc.stdout[-4000:]
