@@ -307,7 +307,12 @@ class RayBackend:
         return await self.handle.stats.remote()
 
 
-@serve.deployment(name="Api", max_ongoing_requests=256)
+INGRESS_CPUS = 0.1  # the ingress only parses and forwards: leave the cores to the generators
+
+
+@serve.deployment(
+    name="Api", max_ongoing_requests=256, ray_actor_options={"num_cpus": INGRESS_CPUS}
+)
 @serve.ingress()
 class Api:
     """The HTTP front end; its FastAPI app is built on the replica from the config."""
@@ -345,7 +350,7 @@ def build_app(args: dict) -> Application:
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     if key:  # the replica may run on another node: hand it the key the builder was given
         env = {"env_vars": {cfg.api_key_env: key}}
-        api = Api.options(ray_actor_options={"runtime_env": env})
+        api = Api.options(ray_actor_options={"num_cpus": INGRESS_CPUS, "runtime_env": env})
     generator = GeneratorDeployment.options(
         max_ongoing_requests=cfg.limits.max_ongoing_requests,
         max_queued_requests=cfg.limits.max_queued_requests,

@@ -13,6 +13,7 @@ import urllib.request
 
 import nibabel as nib
 import numpy as np
+import yaml
 
 from factory.models.generator import Generator
 
@@ -31,10 +32,23 @@ def test_bad_serve_config_exits_2(run_cli, tmp_path):
     assert proc.returncode == 2 and "--model 'broken': expected ID=REF" in proc.stderr
 
 
-def test_ctfactory_serve_returns_a_valid_nifti_of_builtin_demo(cluster):
+def test_ctfactory_serve_returns_a_valid_nifti_of_builtin_demo(cluster, tmp_path):
+    import ray
+    from ray import serve
+
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    config["applications"][0]["args"]["cpus_per_replica"] = 1  # the test cluster is shared
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": cluster, "CTFACTORY_API_KEY": "k-123"}
-    command = [*ctfactory_bin(), "serve", "--port", str(port)]
+    command = [
+        *ctfactory_bin(),
+        "serve",
+        "--port",
+        str(port),
+        "--config",
+        str(tmp_path / "serve.yaml"),
+    ]
     output = open(os.devnull, "w")  # noqa: SIM115 (closed with the process below)
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=output)
     base = f"http://127.0.0.1:{port}"
@@ -48,7 +62,7 @@ def test_ctfactory_serve_returns_a_valid_nifti_of_builtin_demo(cluster):
                         break
             except OSError:  # not listening yet, refused, timed out or 503
                 pass
-            assert time.monotonic() < deadline, "ctfactory serve never became ready"
+            assert time.monotonic() < deadline, f"never ready; free: {ray.available_resources()}"
             time.sleep(1)
         body = json.dumps({"prompt": "Large bilateral pleural effusion.", "seed": 3, "steps": 4})
         request = urllib.request.Request(base + "/v1/volumes", data=body.encode(), method="POST")
@@ -71,8 +85,9 @@ def test_ctfactory_serve_returns_a_valid_nifti_of_builtin_demo(cluster):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
         output.close()
+        serve.shutdown()  # whatever happened, leave the shared cluster without Serve
     assert proc.returncode == 130  # interrupted: Serve shut down, the CLI's exit code for ^C

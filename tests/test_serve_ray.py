@@ -1,7 +1,7 @@
 """The Ray Serve application on a real local Ray, called over real HTTP on 127.0.0.1.
 
 One application for the module: two small random models (``small``, ``other``), one model
-per replica (so switching evicts), batches of up to 4 gathered for 0.5 s, at most 4 requests
+per replica (so switching evicts), batches of up to 4 gathered for 0.5 s, at most 6 requests
 in flight and 2 queued per caller, an API key required. Also: the OpenAPI spec fuzzed with
 schemathesis, and the web page driven in headless Chromium.
 """
@@ -81,6 +81,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(cluster, models):
+    import ray
     from ray import serve
 
     from serve.app import build_app
@@ -96,23 +97,27 @@ def http(cluster, models):
             "default_steps": 2,
             "max_prompt_chars": 300,
             "max_body_bytes": 65536,
-            "max_ongoing_requests": 4,
+            "max_ongoing_requests": 6,
             "max_queued_requests": 2,
             "request_timeout_s": 120,
         },
         "api_key_env": KEY_ENV,
+        "cpus_per_replica": 1,
     }
     port = free_port()
+    serve.shutdown()  # Serve keeps its first http_options: start afresh on this port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="ct-factory", route_prefix="/")
-    client = Http(f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 120
-    while client.get("/readyz")[0] != 200:
-        assert time.monotonic() < deadline, "the application never became ready"
-        time.sleep(1)
-    yield client
-    serve.shutdown()
-    os.environ.pop(KEY_ENV, None)
+    try:
+        serve.run(build_app(args), name="ct-factory", route_prefix="/")
+        client = Http(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 120
+        while client.get("/readyz")[0] != 200:
+            assert time.monotonic() < deadline, f"never ready; free: {ray.available_resources()}"
+            time.sleep(1)
+        yield client
+    finally:  # Serve's replicas hold CPUs that later training tests need
+        serve.shutdown()
+        os.environ.pop(KEY_ENV, None)
 
 
 def test_routes_health_models_docs_and_page(http, models):
