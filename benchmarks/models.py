@@ -1,15 +1,18 @@
 """Model sizes and CPU/GPU timings: parameter counts for tiny and base, and for tiny the
 per-step and per-volume generation times.
 
-    .venv/bin/python benchmarks/models.py > /tmp/models-bench.md
+    .venv/bin/python benchmarks/models.py [--batches 1,4] > /tmp/models-bench.md
 
 Per step: one UNet evaluation with classifier-free guidance (cond + uncond batched). Per
 volume: the whole request (text, 20 DDIM steps, VAE decode to 64^3 HU, masks), median of 3,
-batch 1 and batch 4 (per-volume time = batch time / 4). Random weights: speed does not depend
-on what the weights have learned.
+per batch size (per-volume time = batch time / batch). On CUDA each batch is timed twice: with
+the bf16 autocast that ships and in full fp32, with the peak GPU memory of each. Random
+weights: speed does not depend on what the weights have learned.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from timing import timed
@@ -28,6 +31,9 @@ def count(module: torch.nn.Module) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
+    batches = [int(b) for b in parser.parse_args().batches.split(",")]
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = (
@@ -51,25 +57,39 @@ def main() -> None:
         print(f"| {label} | {count(a)} | {count(b)} |")
     print(f"| text encoder (MiniLM, frozen) | {count(tiny.text)} | {count(tiny.text)} |\n")
     cfg = tiny.config
+    precisions = (True, False) if device == "cuda" else (False,)
     with torch.inference_mode():
-        for batch in (1, 4):
-            x = torch.randn(2 * batch, cfg.latent_channels, *cfg.latent_size, device=device)
-            t = torch.full((2 * batch,), 500, device=device)
-            ctx = torch.randn(2 * batch, cfg.text.max_tokens, cfg.text.hidden_size, device=device)
-            step = timed(lambda x=x, t=t, ctx=ctx: tiny.unet(x, t, ctx), warmup=True)
-            z = torch.randn(1, cfg.vae.latent_channels, *cfg.latent_size, device=device)
-            decode = timed(lambda z=z: tiny.codec.decode(z), warmup=True)
-            reqs = [
-                Request(f"{60 + i} years old M: pleural effusion.", seed=i, steps=20)
-                for i in range(batch)
-            ]
-            volume = (
-                timed(lambda r=reqs, b=batch: tiny.generate(r, batch_size=b), warmup=True) / batch
-            )
-            print(
-                f"- batch {batch}: one guided UNet step {step:.3f} s; VAE decode of one 64^3 "
-                f"volume {decode:.3f} s; one volume with 20 DDIM steps {volume:.2f} s"
-            )
+        for batch in batches:
+            for amp in precisions:
+                tiny.amp = amp
+                x = torch.randn(2 * batch, cfg.latent_channels, *cfg.latent_size, device=device)
+                t = torch.full((2 * batch,), 500, device=device)
+                ctx = torch.randn(
+                    2 * batch, 1 + cfg.text.max_tokens, cfg.text.hidden_size + 1, device=device
+                )
+                with tiny._autocast():
+                    step = timed(lambda x=x, t=t, ctx=ctx: tiny.unet(x, t, ctx), warmup=True)
+                    z = torch.randn(1, cfg.vae.latent_channels, *cfg.latent_size, device=device)
+                    decode = timed(lambda z=z: tiny.codec.decode(z), warmup=True)
+                reqs = [
+                    Request(f"{60 + i} years old M: pleural effusion.", seed=i, steps=20)
+                    for i in range(batch)
+                ]
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                volume = (
+                    timed(lambda r=reqs, b=batch: tiny.generate(r, batch_size=b), warmup=True)
+                    / batch
+                )
+                extra = ""
+                if device == "cuda":
+                    peak = torch.cuda.max_memory_allocated() / 2**30
+                    extra = f" ({'bf16 autocast' if amp else 'fp32'}, peak {peak:.2f} GiB)"
+                print(
+                    f"- batch {batch}{extra}: one guided UNet step {step:.4f} s; VAE decode of "
+                    f"one 64^3 volume {decode:.4f} s; one volume with 20 DDIM steps "
+                    f"{volume:.3f} s ({1 / volume:.1f} volumes/s)"
+                )
 
 
 if __name__ == "__main__":

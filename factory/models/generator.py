@@ -78,6 +78,7 @@ class Generator:
         self.unet = unet.to(self.device).eval()
         self.model_hash = model_hash
         self.grid = Grid(config.size, config.spacing_mm)
+        self.amp = True  # bf16 autocast on CUDA; False samples in full fp32 precision
 
     @classmethod
     def from_config(
@@ -232,6 +233,6 @@ class Generator:
         return {name: masks[:, i] for i, name in enumerate(names)}
 
     def _autocast(self):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
