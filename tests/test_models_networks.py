@@ -103,6 +103,30 @@ def test_cross_attention_masks_padding():
         assert (unet(x, t, unet.null_context(1)) - base).abs().max() > 1e-3
 
 
+def test_pooled_embedding_reaches_the_timestep_embedding():
+    """The pooled prompt, projected, is added to the timestep embedding that every ResBlock
+    sees; a config without ``pooled_embedding`` has no such weights (older checkpoints)."""
+    torch.manual_seed(0)
+    unet = TextConditionedUNet(TINY).eval()
+    for p in unet.parameters():
+        if p.dim() > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, TINY.latent_channels, 16, 16, 16)
+    t = torch.tensor([300])
+    ctx = unet.context(torch.randn(1, 4, 384), torch.ones(1, 4, dtype=torch.bool))
+    with torch.no_grad():
+        with_pooled = unet(x, t, ctx)
+        unet.pooled[-1].weight.zero_()
+        unet.pooled[-1].bias.zero_()
+        assert (unet(x, t, ctx) - with_pooled).abs().max() > 1e-3
+    plain = TINY.model_copy(
+        update={"diffusion": TINY.diffusion.model_copy(update={"pooled_embedding": False})}
+    )
+    keys = TextConditionedUNet(plain).state_dict()
+    assert not [k for k in keys if k.startswith("pooled.")]
+    assert set(keys) < set(unet.state_dict())
+
+
 def test_null_condition_and_dropout():
     unet = TextConditionedUNet(TINY).eval()
     drop = unet.drop_mask(64, torch.Generator().manual_seed(0))

@@ -92,6 +92,9 @@ class DiffusionConfig(Strict):
     num_train_timesteps: int = Field(1000, ge=10)
     cond_dropout: float = Field(0.1, ge=0, lt=1)  # training drops to the null condition
     null_condition: Literal["learned", "zeros"] = "learned"
+    # Also add the pooled sentence embedding to the timestep embedding (as SDXL adds its pooled
+    # text embedding), so every ResBlock sees the prompt as well as the attention levels.
+    pooled_embedding: bool = False
     anatomy_channels: tuple[str, ...] = ()
 
     @model_validator(mode="after")

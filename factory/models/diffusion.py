@@ -6,6 +6,8 @@ embedding, then its token embeddings, with one extra channel flagging the real p
 Cross-attention masks the padding out, so a short prompt is not diluted by hundreds of empty
 keys, and a prompt's conditioning never depends on the other prompts in its batch. The null
 condition (what training drops to with probability ``cond_dropout``) is a learned token or zeros.
+With ``pooled_embedding`` the first position (pooled prompt, or the null token) is also
+projected onto the timestep embedding, which conditions every ResBlock.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ class TextConditionedUNet(torch.nn.Module):
         for module in self.unet.modules():
             if isinstance(getattr(module, "attn2", None), CrossAttentionBlock):
                 module.attn2.__class__ = KeyMaskedCrossAttention  # adds a forward, no state
+        self.pooled = None
+        if d.pooled_embedding:
+            width = 4 * d.channels[0]  # MONAI's timestep embedding width
+            self.pooled = torch.nn.Sequential(
+                torch.nn.Linear(cfg.text.hidden_size, width),
+                torch.nn.SiLU(),
+                torch.nn.Linear(width, width),
+            )
+            self.unet.time_embed.register_forward_hook(self._add_pooled)
+        self._pending: torch.Tensor | None = None
         null = torch.zeros(1, 1, cfg.text.hidden_size)
         if d.null_condition == "learned":
             self.null = torch.nn.Parameter(null)
@@ -98,7 +110,17 @@ class TextConditionedUNet(torch.nn.Module):
         if drop is not None:
             null = self.null_context(x.shape[0]).to(context.dtype)
             context = torch.where(drop[:, None, None], null, context)
-        return self.unet(x, timesteps=t, context=context)
+        if self.pooled is None:
+            return self.unet(x, timesteps=t, context=context)
+        self._pending = self.pooled(context[:, 0, :-1])
+        try:
+            return self.unet(x, timesteps=t, context=context)
+        finally:
+            self._pending = None
+
+    def _add_pooled(self, module, inputs, emb: torch.Tensor) -> torch.Tensor:
+        """Forward hook on MONAI's ``time_embed``: timestep embedding + projected prompt."""
+        return emb if self._pending is None else emb + self._pending.to(emb.dtype)
 
     def context(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, H) and their mask -> (B, 1 + max_tokens, H + 1)."""
