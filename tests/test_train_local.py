@@ -14,6 +14,7 @@ from train import clip, diffusion, vae
 from train.config import TrainConfigError, apply_overrides, parse_train_config, parse_workers
 from train.data import choose_texts, index_rows, load_row, structured
 from train.latents import encode_local
+from train.launcher import cache_dataset, row_bytes
 from train.loop import EMA, accumulation, lr_factor, read_state, rng_for
 from train.session import LocalSession
 
@@ -93,6 +94,24 @@ def test_diffusion_needs_a_vae(tmp_path):
 
 
 # ---- loop pieces -------------------------------------------------------------------------------
+def test_small_datasets_are_cached_in_the_object_store(tmp_path):
+    """ "auto" materialises a dataset that fits in a quarter of the store; the choice can be
+    forced either way. A 32^3 row is a float32 volume plus one byte per voxel per mask."""
+    cfg = parse_train_config(config("vae", tmp_path, tmp_path))
+    per_row = row_bytes(cfg)
+    assert per_row == 32**3 * (4 + 2)  # the small model draws lungs and heart
+    assert cache_dataset(cfg, 100, store_bytes=400 * per_row)
+    assert not cache_dataset(cfg, 101, store_bytes=400 * per_row)
+    always = parse_train_config(
+        {**config("vae", tmp_path, tmp_path), "data": {"root": str(tmp_path), "cache": "always"}}
+    )
+    assert cache_dataset(always, 10**9, store_bytes=0)
+    never = parse_train_config(
+        {**config("vae", tmp_path, tmp_path), "data": {"root": str(tmp_path), "cache": "never"}}
+    )
+    assert not cache_dataset(never, 1, store_bytes=10**12)
+
+
 def test_global_batch_is_constant_across_world_sizes(tmp_path):
     cfg = parse_train_config(config("vae", tmp_path, tmp_path, batch_size=16, micro_batch=4))
     for world in (1, 2, 4, 8, 16):

@@ -39,6 +39,9 @@ class DataOptions(Strict):
     # those and a structured "{age} years old {sex}: {impression}" prompt, drawn per sample.
     text: Literal["report", "impression", "mixed"] = "report"
     shuffle_buffer: int = Field(16, ge=1)  # per-worker local shuffle, reseeded every epoch
+    # Keep the preprocessed dataset in Ray's object store after the first pass, so that later
+    # epochs do not read and preprocess it again: "auto" when it fits in a quarter of the store.
+    cache: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("split", mode="before")
     @classmethod

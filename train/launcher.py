@@ -9,6 +9,7 @@ config again with ``--resume`` continues it from its latest checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -122,6 +123,22 @@ def build_dataset(cfg: TrainConfig, rows: list[dict], use_gpu: bool):
     return ds, latents.rows, extra
 
 
+def row_bytes(cfg: TrainConfig) -> int:
+    """Bytes of one preprocessed row in the object store: a latent, or a volume and its masks."""
+    model = cfg.architecture()
+    if cfg.task == "diffusion":
+        return 4 * model.latent_channels * math.prod(model.latent_size)
+    voxels = math.prod(model.size)
+    return 4 * voxels + voxels * len(model.diffusion.anatomy_channels)
+
+
+def cache_dataset(cfg: TrainConfig, rows: int, store_bytes: float) -> bool:
+    """Whether to materialise the dataset once rather than re-read it every epoch."""
+    if cfg.data.cache != "auto":
+        return cfg.data.cache == "always"
+    return rows * row_bytes(cfg) <= store_bytes / 4
+
+
 def cpu_threads(workers: int) -> int:
     """CPU training: the cores each worker may use (Ray gives a worker one thread per CPU)."""
     return max(1, (os.cpu_count() or 1) // workers)
@@ -143,6 +160,8 @@ def launch(cfg: TrainConfig, resume: bool = False):
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     dataset, rows, extra = build_dataset(cfg, index, use_gpu)
+    if cache_dataset(cfg, rows, ray.available_resources().get("object_store_memory", 0)):
+        dataset = dataset.materialize()
 
     fs, path = run_fs(cfg)
     local = isinstance(fs, LocalFileSystem)
