@@ -139,6 +139,13 @@ def cache_dataset(cfg: TrainConfig, rows: int, store_bytes: float) -> bool:
     return rows * row_bytes(cfg) <= store_bytes / 4
 
 
+def materialize_in_order(dataset):
+    """Materialise with blocks in input order: map tasks finish in any order, and a resumed run
+    must see each epoch's rows exactly as the interrupted run did."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset.materialize()
+
+
 def cpu_threads(workers: int) -> int:
     """CPU training: the cores each worker may use (Ray gives a worker one thread per CPU)."""
     return max(1, (os.cpu_count() or 1) // workers)
@@ -161,7 +168,7 @@ def launch(cfg: TrainConfig, resume: bool = False):
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     dataset, rows, extra = build_dataset(cfg, index, use_gpu)
     if cache_dataset(cfg, rows, ray.available_resources().get("object_store_memory", 0)):
-        dataset = dataset.materialize()
+        dataset = materialize_in_order(dataset)
 
     fs, path = run_fs(cfg)
     local = isinstance(fs, LocalFileSystem)
