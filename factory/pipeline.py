@@ -83,6 +83,8 @@ def run_settings(spec, plan, checkpoint) -> dict:
     model hash, sampler, grid) make the same volumes."""
     from importlib.metadata import version
 
+    from factory.models.samplers import default_scheduler
+
     config = checkpoint.config
     return {
         "format": FORMAT,
@@ -93,7 +95,10 @@ def run_settings(spec, plan, checkpoint) -> dict:
         "model": spec.model,
         "model_hash": checkpoint.hash,
         "model_name": checkpoint.card.name,
-        "sampler": spec.sampler.model_dump(),
+        "sampler": {
+            **spec.sampler.model_dump(),
+            "scheduler": spec.sampler.scheduler or default_scheduler(config.diffusion),
+        },
         "grid": {"shape": list(config.size), "spacing_mm": list(config.spacing_mm)},
         "anatomy_channels": list(config.diffusion.anatomy_channels),
         "hu_window": list(config.hu_window),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from factory.models.checkpoint import ModelCard, save_checkpoint
+from factory.models.config import load_config
 from train import clip, diffusion, vae
 from train.config import TrainConfigError, apply_overrides, parse_train_config, parse_workers
 from train.data import choose_texts, index_rows, load_row, structured
@@ -18,7 +20,7 @@ from train.launcher import cache_dataset, row_bytes
 from train.loop import EMA, accumulation, lr_factor, read_state, rng_for
 from train.session import LocalSession
 
-from .train_helpers import config, make_dataset
+from .train_helpers import SMALL_MODEL, config, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,21 @@ def test_bad_configs_name_the_field(tmp_path, change, field):
     data = {**config("vae", tmp_path, tmp_path), **change}
     with pytest.raises(TrainConfigError, match=field):
         parse_train_config(data, "cfg.yaml")
+
+
+def test_local_paths_become_absolute_on_the_driver(tmp_path, monkeypatch):
+    """Workers run in other folders: a relative model YAML, data root or storage must not be
+    read relative to theirs. Presets and URLs stay as they are."""
+    (tmp_path / "model.yaml").write_text(Path(SMALL_MODEL).read_text())
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_train_config(config("vae", Path("data"), "runs", model="model.yaml"))
+    assert (cfg.model, cfg.data.root, cfg.storage) == tuple(
+        str(tmp_path / p) for p in ("model.yaml", "data", "runs")
+    )
+    monkeypatch.chdir(tmp_path.parent)
+    assert cfg.architecture() == load_config(SMALL_MODEL)
+    preset = parse_train_config(config("vae", tmp_path, "s3://bucket/runs", model="tiny"))
+    assert (preset.model, preset.storage) == ("tiny", "s3://bucket/runs")
 
 
 def test_diffusion_needs_a_vae(tmp_path):
@@ -229,12 +246,16 @@ def test_clip_learns_pairs(dataset, tmp_path):
     assert set(clip.export_weights(state)) == {"clip"}
 
 
-def test_diffusion_learns_on_latents(dataset, tmp_path):
-    cfg_v = parse_train_config(config("vae", dataset, tmp_path, steps=1))
+@pytest.mark.parametrize("objective", ["rflow", "ddpm"])
+def test_diffusion_learns_on_latents(dataset, tmp_path, objective):
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(Path(SMALL_MODEL).read_text().replace("rflow", objective))
+    cfg_v = parse_train_config(config("vae", dataset, tmp_path, steps=1, model=str(model_yaml)))
     vae_dir = tmp_path / "vae-model"
     model = vae.VAETask(cfg_v, torch.device("cpu")).model()
     save_checkpoint(vae_dir, cfg_v.architecture(), {"vae": model.vae.state_dict()}, ModelCard("v"))
     base = config("diffusion", dataset, tmp_path, steps=20, checkpoint_every=20, ema_decay=0.9)
+    base["model"] = str(model_yaml)
     base.update(diffusion={"vae": str(vae_dir)}, data={"root": str(dataset), "text": "mixed"})
     cfg = parse_train_config(base)
     rows = index_rows(dataset, "train", masks=True)[:4]

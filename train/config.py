@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from factory.models.config import ModelConfig, load_config
+from factory.models.config import ModelConfig, load_config, presets
 
 TASKS: tuple[str, ...] = ("vae", "clip", "diffusion")
 Task = Literal["vae", "clip", "diffusion"]
@@ -128,6 +128,8 @@ class TrainConfig(Strict):
             data["data"] = {**data["data"], "root": _local(data["data"]["root"])}
         if isinstance(data.get("storage"), str):
             data["storage"] = _local(data["storage"])
+        if isinstance(data.get("model"), str) and data["model"] not in presets():
+            data["model"] = _local(data["model"])
         if isinstance(data.get("diffusion"), dict):
             data["diffusion"] = {
                 k: _local(v) if k in ("vae", "clip") and isinstance(v, str) else v

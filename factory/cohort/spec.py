@@ -179,7 +179,8 @@ class SamplerSpec(_Strict):
 
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(5.0, ge=0)
-    scheduler: Literal["ddim", "rectified_flow", "ddpm"] = "ddim"
+    # None: the model's own (rectified_flow for rflow models, ddim for ddpm ones)
+    scheduler: Literal["ddim", "rectified_flow", "ddpm"] | None = None
 
 
 class VerifySpec(_Strict):
