@@ -26,7 +26,7 @@ demo: $(STAMP)
 	@echo "      montage in $(DEMO_OUT)/cohort/report (docs/factory.md); its plan in"
 	@echo "      $(DEMO_OUT)/demo-plan.png (docs/cohort-spec.md); phantoms in $(DEMO_OUT)/phantom"
 
-# builtin:demo from scratch on CPU (about two hours on 2 cores; docs/training.md): phantom data,
+# builtin:demo from scratch on CPU (about 90 minutes on 2 cores; docs/training.md): phantom data,
 # then the VAE, the 3D CLIP and latent diffusion, each exported; the last step measures the
 # model, draws its prompt-pair pictures and writes it to factory/models/builtin/demo.
 DEMO_BUILD ?= build

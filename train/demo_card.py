@@ -60,6 +60,7 @@ REFERENCE_SEED = 20240  # the real reference subjects (sex alternates, ages cycl
 REFERENCE_AGES = (62, 48, 71, 55)
 MAX_PNG_BYTES = 250_000
 PICTURE_SEEDS = 2
+SCHEDULER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "rectified_flow": "rectified-flow"}
 
 
 @dataclass(frozen=True)
@@ -428,6 +429,7 @@ def build_card(
         f", {float(wall) / 60:.0f} min" if wall else ""
     )
     seeds = list(settings["seeds"])  # type: ignore[call-overload]
+    scheduler_name = SCHEDULER_NAMES.get(str(settings["scheduler"]), settings["scheduler"])
     shown = ("seed " if len(seeds[:PICTURE_SEEDS]) == 1 else "seeds ") + " and ".join(
         map(str, seeds[:PICTURE_SEEDS])
     )
@@ -449,7 +451,7 @@ def build_card(
             "factory and the server, not to study chest CT.",
             "**Does the prompt change the volume the right way?** For each finding the model "
             f"generated a prompt pair from the same seed ({_plural(len(seeds), 'seed')}, "
-            f"{settings['steps']} {str(settings['scheduler']).upper()} steps, guidance "
+            f"{settings['steps']} {scheduler_name} steps, guidance "
             f"{settings['guidance']}). A yardstick "
             "that needs no network measures each volume in fixed zones taken from the "
             "validation phantoms' anatomy (lungs: inside the lungs in at least half; heart: "
@@ -565,7 +567,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also write the pictures here ('' for nowhere)",
     )
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt pair")
-    parser.add_argument("--steps", type=int, default=20, help="sampling (DDIM) steps")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="sampling steps (the model's scheduler)"
+    )
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument(
         "--reference", type=int, default=4, help="real phantom subjects per finding"
