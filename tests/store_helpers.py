@@ -31,7 +31,7 @@ def write_spec(path: Path, model: Path | str, n: int = 6, output: str = "cohort"
         "reference": "phantom",
         "prompt": {"style": "structured"},
         "model": str(model),
-        "sampler": {"steps": 2, "guidance": 3.0, "scheduler": "ddim"},
+        "sampler": {"steps": 2, "guidance": 3.0},  # the model's scheduler
         "output": output,
         **extra,
     }

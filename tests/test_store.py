@@ -109,7 +109,8 @@ def test_commit_protocol_status_and_verify(written):
     # The manifest carries the labels under CT-RATE column names and the provenance.
     row = cohort.manifest.iloc[0]
     assert row["Pleural effusion"] in (0, 1) and row["model_hash"] == run.settings["model_hash"]
-    assert json.loads(row["sampler"]) == {"guidance": 3.0, "scheduler": "ddim", "steps": 2}
+    sampler = {"guidance": 3.0, "scheduler": "rectified_flow", "steps": 2}  # the model's own
+    assert json.loads(row["sampler"]) == sampler and run.settings["sampler"] == sampler
     assert 0 < row["bytes_stored"] < row["bytes_raw"]
     # A retried batch never generates a committed volume again.
     again = writer(run.todo.slice(0, 2)).to_pylist()
