@@ -14,7 +14,7 @@ from factory.models.checkpoint import ModelCard, save_checkpoint
 from factory.models.config import load_config
 from train import clip, diffusion, vae
 from train.config import TrainConfigError, apply_overrides, parse_train_config, parse_workers
-from train.data import choose_texts, index_rows, load_row, structured
+from train.data import choose_texts, excerpt, index_rows, load_row, structured
 from train.latents import encode_local
 from train.launcher import cache_dataset, row_bytes
 from train.loop import EMA, accumulation, lr_factor, read_state, rng_for
@@ -82,6 +82,7 @@ def test_workers_and_overrides():
         ({"task": "gan"}, "task"),
         ({"model": "nonexistent-preset"}, "model"),
         ({"precision": "fp8"}, "precision"),
+        ({"data": {"root": "data", "excerpts": 1.5}}, "data.excerpts"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, change, field):
@@ -182,6 +183,33 @@ def test_texts_are_seeded_and_mixed():
     }
     assert choose_texts(batch, "report", torch.Generator()) == list(batch["report"])
     assert structured("Normal.", -1, "") == "Normal."
+
+
+def test_excerpts_are_short_runs_of_report_sentences_in_order():
+    sentences = [f"Sentence {i} is 1.5 mm." for i in range(8)]
+    report = " ".join(sentences)
+    batch = {
+        "report": np.array([report] * 200),
+        "impression": np.array(["Impression A."] * 200),
+        "age": np.array([70] * 200),
+        "sex": np.array(["F"] * 200),
+    }
+    texts = choose_texts(batch, "impression", torch.Generator().manual_seed(3), excerpts=0.5)
+    assert texts == choose_texts(
+        batch, "impression", torch.Generator().manual_seed(3), excerpts=0.5
+    )
+    cut = [t for t in texts if t != "Impression A."]
+    assert 70 < len(cut) < 130  # about half the samples
+    lengths = set()
+    for text in cut:
+        kept = [s + "." for s in text.split(". ") if s]
+        kept = [k.replace("..", ".") for k in kept]
+        assert all(k in sentences for k in kept), text  # whole sentences, "1.5" not split
+        idx = [sentences.index(k) for k in kept]
+        assert idx == sorted(idx) and len(set(idx)) == len(idx)
+        lengths.add(len(kept))
+    assert lengths == {1, 2, 3}
+    assert excerpt("One sentence only", torch.Generator()) == "One sentence only"
 
 
 def test_clip_targets_identical_texts_as_positives():

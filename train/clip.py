@@ -67,7 +67,7 @@ class CLIPTask:
         return CLIPStep(CLIP3D.from_config(self.model_cfg, text, self.cfg.clip.train_text))
 
     def loss(self, model: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        texts = choose_texts(batch, self.cfg.data.text, gen)
+        texts = choose_texts(batch, self.cfg.data.text, gen, self.cfg.data.excerpts)
         return model(torch.as_tensor(batch["image"]).to(self.device), texts)
 
     def evaluate(self, module: nn.Module) -> dict[str, float]:

@@ -38,6 +38,9 @@ class DataOptions(Strict):
     # What a volume's text is: its report (findings + impression), its impression, or a mix of
     # those and a structured "{age} years old {sex}: {impression}" prompt, drawn per sample.
     text: Literal["report", "impression", "mixed"] = "report"
+    # Chance that a sample's text is instead 1-3 sentences of its report, so that short prompts
+    # and single pertinent negatives ("no pleural effusion") are learned (train/data.excerpt).
+    excerpts: float = Field(0.0, ge=0.0, le=1.0)
     shuffle_buffer: int = Field(16, ge=1)  # per-worker local shuffle, reseeded every epoch
     # Keep the preprocessed dataset in Ray's object store after the first pass, so that later
     # epochs do not read and preprocess it again: "auto" when it fits in a quarter of the store.

@@ -3,11 +3,13 @@
 A row holds paths and text, never voxels, so the driver and Ray's object store only carry
 the index; ``load_row`` (run by Ray Data tasks, or in-process by the local session) reads and
 preprocesses one volume with the MONAI chain of ``factory.data.transforms``. ``choose_texts``
-picks each sample's text from a seeded generator, so a resumed run sees the same texts.
+picks each sample's text (optionally a short excerpt of its report) from a seeded generator,
+so a resumed run sees the same texts.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -92,22 +94,46 @@ def structured(impression: str, age: int, sex: str) -> str:
     return f"{age} years old {SEX_WORDS[sex]}: {impression}"
 
 
-def choose_texts(batch: dict, mode: str, gen: torch.Generator) -> list[str]:
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+EXCERPT_SENTENCES = 3  # an excerpt keeps 1 to this many sentences of its report
+
+
+def excerpt(report: str, gen: torch.Generator) -> str:
+    """1 to ``EXCERPT_SENTENCES`` of the report's sentences, in report order.
+
+    A whole report's pooled embedding is a blur of fifteen sentences, and a short prompt such
+    as "no pleural effusion" embeds close to "pleural effusion on the right"; trained on
+    excerpts, the model learns what one sentence (a pertinent negative included) says.
+    """
+    sentences = [s for s in SENTENCE_END.split(report.strip()) if s]
+    if len(sentences) <= 1:
+        return report
+    k = int(torch.randint(1, min(EXCERPT_SENTENCES, len(sentences)) + 1, (1,), generator=gen))
+    keep = sorted(torch.randperm(len(sentences), generator=gen)[:k].tolist())
+    return " ".join(sentences[i] for i in keep)
+
+
+def choose_texts(batch: dict, mode: str, gen: torch.Generator, excerpts: float = 0.0) -> list[str]:
     """Each sample's text for this step: report, impression, or a seeded mix of both and the
-    structured prompt (so the model learns the prompts the factory writes)."""
+    structured prompt (so the model learns the prompts the factory writes); with probability
+    ``excerpts`` a sample gets an excerpt of its report instead."""
     reports = [str(t) for t in batch["report"]]
     if mode == "report":
-        return reports
-    impressions = [str(t) for t in batch["impression"]]
-    if mode == "impression":
-        return impressions
-    picks = torch.randint(0, 3, (len(reports),), generator=gen).tolist()
-    out = []
-    for i, pick in enumerate(picks):
-        options = (
-            reports[i],
-            impressions[i],
-            structured(impressions[i], int(batch["age"][i]), str(batch["sex"][i])),
-        )
-        out.append(options[pick])
-    return out
+        texts = reports
+    elif mode == "impression":
+        texts = [str(t) for t in batch["impression"]]
+    else:
+        impressions = [str(t) for t in batch["impression"]]
+        picks = torch.randint(0, 3, (len(reports),), generator=gen).tolist()
+        texts = []
+        for i, pick in enumerate(picks):
+            options = (
+                reports[i],
+                impressions[i],
+                structured(impressions[i], int(batch["age"][i]), str(batch["sex"][i])),
+            )
+            texts.append(options[pick])
+    if excerpts <= 0:
+        return texts
+    swap = (torch.rand(len(texts), generator=gen) < excerpts).tolist()
+    return [excerpt(reports[i], gen) if swap[i] else text for i, text in enumerate(texts)]

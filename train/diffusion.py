@@ -88,7 +88,7 @@ class DiffusionTask:
 
     def loss(self, model: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor:
         x_t, t, target = self.targets(self.latents(batch), gen)
-        texts = choose_texts(batch, self.cfg.data.text, gen)
+        texts = choose_texts(batch, self.cfg.data.text, gen, self.cfg.data.excerpts)
         drop = self.unet.drop_mask(len(texts), gen)
         with torch.no_grad():
             context = self.unet.context(*self.encode(texts))
