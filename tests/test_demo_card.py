@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from factory.models.checkpoint import ModelCard, load_checkpoint
 from factory.models.config import load_config, parse_config
 from tests.conftest import ctfactory_bin
 from train import demo_card
-from train.demo_card import MAX_PNG_BYTES, PAIRS, pair_figure, paired_stats, zone_fraction, zones
+from train.demo_card import MAX_PNG_BYTES, PAIRS, pair_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The tiny config at half resolution (32^3 of 11.9 x 11.9 x 10 mm, the phantom's default field of
@@ -31,44 +30,6 @@ KEYS = ("with", "without", "difference", "real_with", "real_without")
 
 
 # ----- the measuring functions ----------------------------------------------------------------
-def test_zones_take_the_majority_and_grow_the_heart_inside_the_chest():
-    shape = (9, 9, 9)
-    maps = [np.zeros(shape, np.uint8) for _ in range(3)]
-    for m in maps:
-        m[2:7, 2:7, 2:7] = 3  # a lobe in every map
-        m[4, 4, 4] = 8  # the heart in every map
-    maps[0][0, 0, 0] = 1  # lung in 1 of 3: out
-    maps[0][8, 8, 8] = maps[1][8, 8, 8] = 5  # lung in 2 of 3: in
-    z = zones(maps, heart_dilation=1)
-    assert z["lungs"][8, 8, 8] and not z["lungs"][0, 0, 0]
-    assert int(z["lungs"].sum()) == 5**3 - 1 + 1  # the lobe less the heart voxel, plus (8,8,8)
-    assert int(z["heart"].sum()) == 7  # the heart voxel and its six neighbours
-    z2 = zones(maps, heart_dilation=3)  # grows past the lobe: cut to the chest cavity
-    assert not (z2["heart"] & ~(z2["lungs"] | (maps[0] == 8))).any()
-
-
-def test_zone_fraction_counts_dense_and_low_voxels():
-    hu = np.full((10, 10, 10), -850, np.int16)
-    zone = np.zeros(hu.shape, bool)
-    zone[:5, :4, :5] = True  # 100 voxels
-    hu[:5, :1, :5] = 20  # 25 dense voxels in the zone
-    hu[:2, 3, :5] = -1000  # 10 low voxels in the zone
-    hu[9, 9, 9] = 40  # dense but outside the zone
-    assert zone_fraction(hu, zone, -300, above=True) == pytest.approx(0.25)
-    assert zone_fraction(hu, zone, -950, above=False) == pytest.approx(0.10)
-    assert math.isnan(zone_fraction(hu, np.zeros(hu.shape, bool), -300, above=True))
-
-
-def test_paired_stats_is_the_paired_t_test():
-    with_, without = [0.30, 0.35, 0.28, 0.40], [0.10, 0.12, 0.15, 0.11]
-    r = paired_stats(with_, without)
-    assert r["with"] == pytest.approx(np.mean(with_))
-    assert r["difference"] == pytest.approx(np.mean(with_) - np.mean(without))
-    assert r["p_value"] == pytest.approx(stats.ttest_rel(with_, without).pvalue)
-    assert paired_stats([0.3], [0.1])["p_value"] is None  # one pair: no test
-    assert paired_stats([0.3, 0.4], [0.1, 0.2])["p_value"] is None  # no spread: undefined
-
-
 def test_pair_figure_is_a_small_png():
     rng = np.random.default_rng(0)
     panels = [(f"panel {i}", rng.integers(-1000, 200, (32, 32, 32), dtype=np.int16)) for i in "ab"]

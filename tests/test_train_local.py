@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from factory.evaluate.classifier import LabelSetError, load_classifier
 from factory.models.checkpoint import ModelCard, save_checkpoint
 from factory.models.config import load_config
-from train import clip, diffusion, vae
+from factory.models.intensity import unit_to_hu
+from train import classifier, clip, diffusion, vae
 from train.config import TrainConfigError, apply_overrides, parse_train_config, parse_workers
 from train.data import choose_texts, excerpt, index_rows, load_row, structured
 from train.latents import encode_local
@@ -20,7 +22,7 @@ from train.launcher import cache_dataset, row_bytes
 from train.loop import EMA, accumulation, lr_factor, read_state, rng_for
 from train.session import LocalSession
 
-from .train_helpers import SMALL_MODEL, config, make_dataset
+from .train_helpers import SMALL_MODEL, config, make_dataset, phantom_split
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +315,56 @@ def test_diffusion_text_cache_matches_the_encoder(dataset, tmp_path):
     task.text.encode = lambda t, **kw: calls.append(list(t)) or encode(t, **kw)
     task.encode(["a", effusion, "a"])
     assert calls == [[effusion]]  # only the evicted text is encoded again
+
+
+@pytest.fixture(scope="module")
+def findings_dataset(tmp_path_factory):
+    """Effusion, cardiomegaly and normal phantoms to train on, and held-out ones of each."""
+    root = tmp_path_factory.mktemp("findings")
+    for split, n, seed in (("", 16, 10), ("valid", 8, 11)):
+        phantom_split(root, f"{split}effusion", n, seed, "--finding", "pleural_effusion")
+        phantom_split(root, f"{split}cardiomegaly", n, seed, "--finding", "cardiomegaly")
+        phantom_split(root, f"{split}normal", n, seed, "--normal")
+    return root
+
+
+def test_classifier_learns_findings_and_exports(findings_dataset, tmp_path):
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(
+        Path(SMALL_MODEL).read_text()
+        + "  findings: [Pleural effusion, Cardiomegaly]\n"  # under classifier:
+    )
+    splits = ["effusion", "cardiomegaly", "normal"]
+    base = config("classifier", findings_dataset, tmp_path, steps=200, checkpoint_every=200)
+    base.update(
+        model=str(model_yaml),
+        batch_size=8,
+        micro_batch=8,
+        data={
+            "root": str(findings_dataset),
+            "split": splits,
+            "held_out": [f"valid{s}" for s in splits],
+        },
+    )
+    cfg = parse_train_config(base)
+    rows = index_rows(findings_dataset, splits, masks=False)
+    session = _run(classifier, cfg, _session(cfg, rows, tmp_path / "clf"), len(rows))
+    last = session.reports[-1]
+    # Held-out phantoms: 8 with each finding, 8 normal; chance is 0.5 (measured: 0.97, 0.92).
+    assert last["eval/auc/Pleural effusion"] >= 0.85, last
+    assert last["eval/auc/Cardiomegaly"] >= 0.85, last
+    state = _final_state(tmp_path / "clf")["model"]
+    assert set(classifier.export_weights(state)) == {"classifier"}
+
+    out = tmp_path / "exported"
+    save_checkpoint(out, cfg.architecture(), classifier.export_weights(state), ModelCard("c"))
+    model = load_classifier(str(out))
+    assert model.findings == ("Pleural effusion", "Cardiomegaly")
+    held = [load_row(r, cfg.model) for r in index_rows(findings_dataset, "valideffusion", False)]
+    hu = unit_to_hu(torch.as_tensor(np.stack([r["image"][0] for r in held])), model.window)
+    probs = model.probabilities(hu)
+    assert probs.shape == (8, 2) and np.all((probs >= 0) & (probs <= 1))
+    with pytest.raises(LabelSetError, match=r"another label set.*Emphysema"):
+        model.columns(["Pleural effusion", "Emphysema"])
+    with pytest.raises(ValueError, match="classifier grid"):
+        model.probabilities(np.zeros((1, 16, 16, 16)))

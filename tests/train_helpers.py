@@ -10,32 +10,27 @@ from tests.conftest import ROOT, ctfactory_bin
 SMALL_MODEL = str(ROOT / "tests" / "configs" / "small-model.yaml")
 
 
+def phantom_split(root: Path, split: str, n: int, seed: int, *args: str) -> Path:
+    """``ctfactory phantom`` at the small model's grid into ``root``/``split``; ``args`` add
+    options such as ``--finding cardiomegaly`` or ``--normal``."""
+    subprocess.run(
+        [
+            *ctfactory_bin(),
+            "phantom",
+            *("--n", str(n), "--size", "32", "--spacing", "11.875x11.875x10"),
+            *("--split", split, "--seed", str(seed), "--out", str(root), "--workers", "1"),
+            *args,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return root
+
+
 def make_dataset(root: Path, n_train: int = 8, n_valid: int = 4) -> Path:
     """A phantom dataset at the small model's grid (32^3, 11.875 x 11.875 x 10 mm)."""
-    for split, n, seed in (("train", n_train, 0), ("valid", n_valid, 1)):
-        subprocess.run(
-            [
-                *ctfactory_bin(),
-                "phantom",
-                "--n",
-                str(n),
-                "--size",
-                "32",
-                "--spacing",
-                "11.875x11.875x10",
-                "--split",
-                split,
-                "--seed",
-                str(seed),
-                "--out",
-                str(root),
-                "--workers",
-                "1",
-            ],
-            check=True,
-            capture_output=True,
-        )
-    return root
+    phantom_split(root, "train", n_train, 0)
+    return phantom_split(root, "valid", n_valid, 1)
 
 
 def config(task: str, data: Path, storage: Path | str, **extra) -> dict:

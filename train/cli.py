@@ -14,6 +14,7 @@ examples:
   ctfactory train vae --config train/configs/demo-vae.yaml
   ctfactory train clip --config train/configs/demo-clip.yaml --workers 2 --steps 200
   ctfactory train diffusion --config train/configs/demo-diffusion.yaml --workers 2-8
+  ctfactory train classifier --config train/configs/demo-classifier.yaml
   ctfactory train vae --config train/configs/vae.yaml --storage s3://bucket/runs --resume
   ctfactory train clip --config c.yaml --set optim.lr=3e-4 --set data.text=mixed --plot
 
@@ -39,7 +40,7 @@ so it loads with Generator.load.
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train the VAE, the 3D CLIP or the latent diffusion model on Ray Train",
+        help="train the VAE, the 3D CLIP, the latent diffusion model or the finding classifier",
         description="Train one of the model's networks with Ray Train: any number of workers "
         "or an elastic range, checkpoints to a local folder or s3://, exact resume.",
         epilog=TRAIN_EXAMPLES,

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from factory.models.config import ModelConfig, load_config, presets
 
-TASKS: tuple[str, ...] = ("vae", "clip", "diffusion")
-Task = Literal["vae", "clip", "diffusion"]
+TASKS: tuple[str, ...] = ("vae", "clip", "diffusion", "classifier")
+Task = Literal["vae", "clip", "diffusion", "classifier"]
 
 
 class TrainConfigError(ValueError):
@@ -33,8 +33,10 @@ class DataOptions(Strict):
 
     root: str
     split: tuple[str, ...] = ("train",)  # one split, or several trained on together
-    held_out: str | None = None  # a split for evaluation (CLIP retrieval, VAE reconstruction)
-    held_out_limit: int = Field(64, ge=2)  # evaluate on at most this many held-out volumes
+    # Split(s) for evaluation (CLIP retrieval, VAE reconstruction, classifier AUC), each cut to
+    # its first ``held_out_limit`` volumes.
+    held_out: tuple[str, ...] = ()
+    held_out_limit: int = Field(64, ge=2)
     # What a volume's text is: its report (findings + impression), its impression, or a mix of
     # those and a structured "{age} years old {sex}: {impression}" prompt, drawn per sample.
     text: Literal["report", "impression", "mixed"] = "report"
@@ -46,9 +48,11 @@ class DataOptions(Strict):
     # epochs do not read and preprocess it again: "auto" when it fits in a quarter of the store.
     cache: Literal["auto", "always", "never"] = "auto"
 
-    @field_validator("split", mode="before")
+    @field_validator("split", "held_out", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
+        if value is None:
+            return ()
         return (value,) if isinstance(value, str) else value
 
 
@@ -76,6 +80,13 @@ class CLIPOptions(Strict):
 
     train_text: bool = False
     recall_k: tuple[int, ...] = (1, 5)
+
+
+class ClassifierOptions(Strict):
+    """Classifier task: multi-label BCE over the model's ``classifier.findings``."""
+
+    flip: bool = True  # random left-right flips (labels say whether, not where)
+    threshold: float = Field(0.5, gt=0, lt=1)  # for the precision it logs
 
 
 class DiffusionOptions(Strict):
@@ -113,6 +124,7 @@ class TrainConfig(Strict):
     vae: VAEOptions = VAEOptions()
     clip: CLIPOptions = CLIPOptions()
     diffusion: DiffusionOptions = DiffusionOptions()
+    classifier: ClassifierOptions = ClassifierOptions()
 
     @field_validator("workers", mode="before")
     @classmethod

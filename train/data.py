@@ -48,15 +48,15 @@ def record_row(record: Record, masks: bool) -> dict:
 def index_rows(
     root: str, splits: Sequence[str] | str, masks: bool, limit: int | None = None
 ) -> list[dict]:
-    """Rows of one or more dataset splits, in order (CT-RATE layout; errors name the missing
-    file or column)."""
+    """Rows of one or more dataset splits, in order, each split cut to its first ``limit``
+    volumes (CT-RATE layout; errors name the missing file or column)."""
     records = []
     for split in [splits] if isinstance(splits, str) else splits:
         found = read_split(root, split)
         if not found:
             raise DatasetError(f"{root}: split {split!r} has no volumes")
-        records += found
-    return [record_row(r, masks) for r in records[:limit]]
+        records += found[:limit]
+    return [record_row(r, masks) for r in records]
 
 
 @lru_cache(maxsize=8)

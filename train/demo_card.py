@@ -24,14 +24,22 @@ import math
 import sys
 import textwrap
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage, stats
 
 from factory import vocab
+from factory.evaluate.measure import (
+    DENSE_HU,
+    HEART_DILATION,
+    LAA_HU,
+    paired_stats,
+    quartiles,
+    zone_fraction,
+    zones,
+)
 from factory.models.checkpoint import (
     CARD_JSON,
     CARD_MARKDOWN,
@@ -46,16 +54,9 @@ from factory.models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from factory.phantom.anatomy import ANATOMY_GROUPS
 from factory.phantom.grid import Grid
 
 LUNG_WINDOW = (-1000.0, 200.0)
-DENSE_HU = -300.0  # fluid, consolidation and heart are denser; aerated lung is not
-LAA_HU = -950.0  # %LAA-950, the usual CT emphysema index
-# Heart zone: the majority heart dilated by this many voxels, kept inside the thoracic cavity.
-# At 2 voxels a severe cardiomegaly phantom fills the zone (fraction 1.0); at 4 the normal
-# (0.61-0.70), mild (0.71-0.90) and severe (0.82-0.97) phantoms stay apart.
-HEART_DILATION = 4
 REFERENCE_SEED = 20240  # the real reference subjects (sex alternates, ages cycle REFERENCE_AGES)
 REFERENCE_AGES = (62, 48, 71, 55)
 MAX_PNG_BYTES = 250_000
@@ -129,76 +130,9 @@ class InputError(ValueError):
 
 
 # ----- measuring ------------------------------------------------------------------------------
-def zones(label_maps: Iterable[np.ndarray], heart_dilation: int = HEART_DILATION) -> dict:
-    """Fixed measuring zones from anatomy label maps (phantom labels, same grid).
-
-    ``lungs``: voxels inside a lung lobe in at least half of the maps. ``heart``: voxels that
-    are heart in at least half, dilated by ``heart_dilation`` voxels and kept inside the
-    thoracic cavity (lung zone or heart), so a growing heart shows as lung turning dense.
-    Fixed zones measure every volume in the same place, whatever anatomy a model drew.
-    """
-    lung_count = heart_count = None
-    n = 0
-    for labels in label_maps:
-        lung = np.isin(labels, ANATOMY_GROUPS["lungs"])
-        heart = np.isin(labels, ANATOMY_GROUPS["heart"])
-        if lung_count is None:
-            lung_count = np.zeros(labels.shape, np.int32)
-            heart_count = np.zeros(labels.shape, np.int32)
-        elif labels.shape != lung_count.shape:
-            raise ValueError(f"label maps differ in shape: {labels.shape} vs {lung_count.shape}")
-        lung_count += lung
-        heart_count += heart
-        n += 1
-    if n == 0 or lung_count is None or heart_count is None:
-        raise ValueError("no label maps to build zones from")
-    lungs = 2 * lung_count >= n
-    heart = 2 * heart_count >= n
-    grown = ndimage.binary_dilation(heart, iterations=heart_dilation) if heart_dilation else heart
-    return {"lungs": lungs, "heart": grown & (lungs | heart)}
-
-
-def zone_fraction(hu: np.ndarray, zone: np.ndarray, threshold: float, above: bool) -> float:
-    """The fraction of ``zone`` voxels above (or below) ``threshold`` HU; NaN for an empty zone."""
-    values = np.asarray(hu)[zone]
-    if values.size == 0:
-        return float("nan")
-    hit = values > threshold if above else values < threshold
-    return float(np.count_nonzero(hit)) / values.size
-
-
 def measure(pair: Pair, hu: np.ndarray, zone_masks: Mapping[str, np.ndarray]) -> float:
     """A pair's yardstick on one HU volume."""
     return zone_fraction(hu, zone_masks[pair.zone], pair.threshold, pair.above)
-
-
-def paired_stats(with_values: Sequence[float], without_values: Sequence[float]) -> dict:
-    """Means, the mean paired difference and the paired t-test p-value (None if undefined).
-
-    The p-value needs at least two pairs and differences that are not all (nearly) equal.
-    """
-    a = np.asarray(with_values, dtype=float)
-    b = np.asarray(without_values, dtype=float)
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"paired values need equal, non-zero lengths ({a.size} and {b.size})")
-    d = a - b
-    p = None
-    if a.size >= 2 and np.ptp(d) > 1e-9 * max(1.0, float(np.abs(d).max())):
-        p = float(stats.ttest_rel(a, b).pvalue)
-        p = p if math.isfinite(p) else None
-    return {
-        "with": float(a.mean()),
-        "without": float(b.mean()),
-        "difference": float(d.mean()),
-        "p_value": p,
-    }
-
-
-def quartiles(volumes: Iterable[np.ndarray]) -> tuple[float, float, float]:
-    """HU quartiles (25, 50, 75 %) over every voxel of ``volumes``."""
-    values = np.concatenate([np.asarray(v).ravel() for v in volumes])
-    q = np.percentile(values, [25, 50, 75])
-    return float(q[0]), float(q[1]), float(q[2])
 
 
 # ----- data -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from factory.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
-from train import clip, diffusion, vae
+from train import classifier, clip, diffusion, vae
 from train.config import TrainConfig
 from train.loop import EMA, META_FILE
 from train.session import newest_state
@@ -23,6 +23,7 @@ from train.session import newest_state
 EXPORTS = {
     "vae": vae.export_weights,
     "clip": clip.export_weights,
+    "classifier": classifier.export_weights,
     "diffusion": diffusion.export_weights,
 }
 

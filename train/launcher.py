@@ -18,7 +18,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from factory.raycluster import init_ray
-from train import clip, diffusion, vae
+from train import classifier, clip, diffusion, vae
 from train.config import TrainConfig, parse_workers
 from train.data import index_rows, load_row
 from train.loop import check_resumable
@@ -28,6 +28,7 @@ TRAIN_FUNCS: dict[str, Callable] = {
     "vae": vae.train_func,
     "clip": clip.train_func,
     "diffusion": diffusion.train_func,
+    "classifier": classifier.train_func,
 }
 
 

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from factory.models.config import ConfigError, ModelConfig, dump_config, parse_config
 
-NETWORKS: tuple[str, ...] = ("vae", "clip", "diffusion", "text")
+NETWORKS: tuple[str, ...] = ("vae", "clip", "diffusion", "text", "classifier")
 CONFIG_FILE = "config.yaml"
 CARD_MARKDOWN = "model_card.md"
 CARD_JSON = "model_card.json"

@@ -38,13 +38,17 @@ class VisionEncoder3D(nn.Module):
         self.in_channels = in_channels
         self.out_channels = channels[-1]
 
-    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, D, H, W) in [-1, 1] -> (B, out_channels) features."""
+    def feature_map(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, D, H, W) in [-1, 1] -> (B, out_channels, D/2^L, H/2^L, W/2^L)."""
         if volumes.ndim != 5 or volumes.shape[1] != self.in_channels:
             raise ValueError(
                 f"volumes must be (B, {self.in_channels}, D, H, W); got {tuple(volumes.shape)}"
             )
-        return self.levels(volumes).mean(dim=(2, 3, 4))
+        return self.levels(volumes)
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, D, H, W) in [-1, 1] -> (B, out_channels) features."""
+        return self.feature_map(volumes).mean(dim=(2, 3, 4))
 
 
 def clip_loss(

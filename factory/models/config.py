@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from factory import vocab
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 ANATOMY_CHANNELS: tuple[str, ...] = ("lungs", "airway", "vessels", "heart")
 
@@ -76,6 +78,28 @@ class CLIPConfig(Strict):
     temperature: float = Field(0.07, gt=0, le=1)  # initial value; learned in log space
 
 
+class ClassifierConfig(Strict):
+    """The finding classifier (``factory.evaluate``): a 3D residual CNN, one logit per finding.
+
+    ``findings`` is its label set in output order (CT-RATE columns); a classifier is used only
+    against labels of the same set.
+    """
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    findings: tuple[str, ...] = vocab.COLUMNS
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifierConfig:
+        unknown = [f for f in self.findings if f not in vocab.COLUMNS]
+        if unknown or len(set(self.findings)) != len(self.findings) or not self.findings:
+            raise ValueError(
+                f"findings must be distinct CT-RATE columns; unknown: {unknown}; valid: "
+                f"{', '.join(vocab.COLUMNS)}"
+            )
+        return self
+
+
 class DiffusionConfig(Strict):
     """MONAI DiffusionModelUNet on VAE latents (plus anatomy channels), text cross-attention."""
 
@@ -112,7 +136,8 @@ class DiffusionConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """A whole text-to-CT model: output grid and HU window, and its four networks."""
+    """A whole text-to-CT model: output grid and HU window, its four networks, and the finding
+    classifier that evaluates it."""
 
     name: str
     size: tuple[int, int, int]
@@ -122,6 +147,7 @@ class ModelConfig(Strict):
     text: TextConfig = TextConfig()
     clip: CLIPConfig = CLIPConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
 
     @property
     def latent_size(self) -> tuple[int, int, int]:

@@ -7,12 +7,14 @@ they were: the difference between two renders is the finding itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from factory import vocab
+from factory.evaluate.measure import cardiothoracic_ratio, laa950_pct
 from factory.phantom.anatomy import LUNG_LABELS, MASK_LABELS, Anatomy, sample_subject
 from factory.phantom.findings import RENDERERS
 from factory.phantom.grid import Canvas, Grid
@@ -97,20 +99,10 @@ def measure(image: np.ndarray, labels: np.ndarray, grid: Grid) -> dict:
     lung = np.isin(labels, LUNG_LABELS)
     heart = labels == 8
 
-    def max_width(mask: np.ndarray) -> float:
-        cols = mask.any(axis=1)  # (x, z)
-        if not cols.any():
-            return 0.0
-        first = np.argmax(cols, axis=0)
-        last = cols.shape[0] - 1 - np.argmax(cols[::-1], axis=0)
-        width = np.where(cols.any(axis=0), last - first + 1, 0)
-        return float(width.max()) * grid.spacing[0]
-
-    thorax = max_width(lung | heart)
-    lung_voxels = int(lung.sum())
+    ctr = cardiothoracic_ratio(lung, heart)
     return {
-        "cardiothoracic_ratio": round(max_width(heart) / thorax, 3) if thorax else None,
-        "laa950_percent": round(100.0 * float((image[lung] < -950).sum()) / max(lung_voxels, 1), 2),
-        "lung_volume_ml": round(lung_voxels * grid.voxel_ml, 1),
+        "cardiothoracic_ratio": round(ctr, 3) if math.isfinite(ctr) else None,
+        "laa950_percent": round(laa950_pct(image, lung), 2),
+        "lung_volume_ml": round(float(lung.sum()) * grid.voxel_ml, 1),
         "heart_volume_ml": round(float(heart.sum()) * grid.voxel_ml, 1),
     }
