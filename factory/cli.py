@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "factory.cohort.cli",
     "factory.generate",
     "factory.store.cli",
+    "factory.evaluate.cli",
 )
 PLUGIN_GROUP = "ctfactory.commands"
 

@@ -49,27 +49,39 @@ FINDING_MEASURES: dict[str, tuple[str, int]] = {
 
 
 def zones(label_maps: Iterable[np.ndarray], heart_dilation: int = HEART_DILATION) -> dict:
-    """Fixed measuring zones from anatomy label maps (phantom labels, same grid).
+    """Fixed measuring zones from phantom anatomy label maps (same grid): see ``zones_from``."""
+    return zones_from(
+        (
+            {g: np.isin(labels, ANATOMY_GROUPS[g]) for g in ("lungs", "heart")}
+            for labels in label_maps
+        ),
+        heart_dilation,
+    )
 
-    ``lungs``: voxels inside a lung lobe in at least half of the maps. ``heart``: voxels that
+
+def zones_from(
+    anatomy: Iterable[Mapping[str, np.ndarray]], heart_dilation: int = HEART_DILATION
+) -> dict:
+    """Fixed measuring zones from ``lungs`` and ``heart`` masks of reference volumes.
+
+    ``lungs``: voxels inside the lungs in at least half of the volumes. ``heart``: voxels that
     are heart in at least half, dilated by ``heart_dilation`` voxels and kept inside the
     thoracic cavity (lung zone or heart), so a growing heart shows as lung turning dense.
     """
     lung_count = heart_count = None
     n = 0
-    for labels in label_maps:
-        lung = np.isin(labels, ANATOMY_GROUPS["lungs"])
-        heart = np.isin(labels, ANATOMY_GROUPS["heart"])
+    for masks in anatomy:
+        lung, heart = np.asarray(masks["lungs"], bool), np.asarray(masks["heart"], bool)
         if lung_count is None:
-            lung_count = np.zeros(labels.shape, np.int32)
-            heart_count = np.zeros(labels.shape, np.int32)
-        elif labels.shape != lung_count.shape:
-            raise ValueError(f"label maps differ in shape: {labels.shape} vs {lung_count.shape}")
+            lung_count = np.zeros(lung.shape, np.int32)
+            heart_count = np.zeros(lung.shape, np.int32)
+        elif lung.shape != lung_count.shape:
+            raise ValueError(f"masks differ in shape: {lung.shape} vs {lung_count.shape}")
         lung_count += lung
         heart_count += heart
         n += 1
     if n == 0 or lung_count is None or heart_count is None:
-        raise ValueError("no label maps to build zones from")
+        raise ValueError("no anatomy masks to build zones from")
     lungs = 2 * lung_count >= n
     heart = 2 * heart_count >= n
     grown = ndimage.binary_dilation(heart, iterations=heart_dilation) if heart_dilation else heart

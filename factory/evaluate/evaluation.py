@@ -1,0 +1,233 @@
+"""``ctfactory eval``: a generated cohort against a real (CT-RATE-layout) reference, both measured
+the same way, volume by volume.
+
+Each set is streamed once through the finding classifier (probabilities, pooled features for 3D
+FID, slab features for 2.5D FID) and the physical measurements. Zones for the measurements come
+from the reference's anatomy masks; the cardiothoracic ratio uses each volume's own masks
+(generated anatomy channels, or the dataset's masks). Only features and numbers are kept, never
+volumes, so a cohort of any size streams through in bounded memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats
+
+from factory import vocab
+from factory.data.ctrate import DatasetError, read_split
+from factory.data.transforms import preprocessing, sample
+from factory.evaluate import measure, metrics
+from factory.evaluate.classifier import FindingClassifier
+from factory.models.intensity import unit_to_hu
+
+BATCH = 8
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be compared; the message names the input and what is valid."""
+
+
+@dataclass
+class Item:
+    """One volume to score: HU (x, y, z) on the classifier grid, its 18 labels, own anatomy."""
+
+    hu: np.ndarray
+    labels: np.ndarray
+    anatomy: dict[str, np.ndarray] | None = None
+
+
+@dataclass
+class Scores:
+    """What one set keeps: labels, probabilities, features, measurements and HU samples."""
+
+    labels: list[np.ndarray] = field(default_factory=list)
+    probabilities: list[np.ndarray] = field(default_factory=list)
+    volume_features: list[torch.Tensor] = field(default_factory=list)
+    plane_features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    measures: list[dict[str, float]] = field(default_factory=list)
+    hu_sample: list[np.ndarray] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def features(self) -> dict[str, torch.Tensor]:
+        out = {"volume": torch.cat(self.volume_features)}
+        out.update({k: torch.cat(v) for k, v in self.plane_features.items()})
+        return out
+
+
+def score(
+    items: Iterable[Item],
+    classifier: FindingClassifier,
+    zones: Mapping[str, np.ndarray] | None,
+    spacing_mm: tuple[float, float, float],
+    progress: Callable[[int], object] | None = None,
+) -> Scores:
+    """Classifier outputs, features and measurements of every item, in batches."""
+    out = Scores()
+    device = next(classifier.parameters()).device
+    rng = np.random.default_rng(0)
+    batch: list[Item] = []
+
+    def flush() -> None:
+        x = classifier.to_input(np.stack([i.hu for i in batch])).to(device)
+        with torch.no_grad():
+            fmap = classifier.feature_map(x)
+            pooled = fmap.mean(dim=(2, 3, 4))
+            probs = torch.sigmoid(classifier.head(pooled))
+        out.volume_features.append(pooled.double().cpu())
+        for plane, feats in metrics.plane_features(fmap.double().cpu()).items():
+            out.plane_features.setdefault(plane, []).append(feats)
+        out.probabilities.extend(probs.float().cpu().numpy())
+        for item in batch:
+            out.labels.append(item.labels)
+            if zones is not None:
+                out.measures.append(
+                    measure.measure_volume(item.hu, zones, spacing_mm, item.anatomy)
+                )
+            out.hu_sample.append(rng.choice(item.hu.ravel(), 4096))
+        if progress is not None:
+            progress(len(batch))
+        batch.clear()
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == BATCH:
+            flush()
+    if batch:
+        flush()
+    return out
+
+
+# ----- the two sets ---------------------------------------------------------------------------
+def reference_items(root: str, split: str, classifier: FindingClassifier, config, limit: int):
+    """A CT-RATE-layout split, preprocessed to the classifier's grid (MONAI chain), with its
+    anatomy masks when the dataset has them."""
+    try:
+        records = read_split(root, split)[:limit]
+    except DatasetError as exc:
+        raise EvalError(f"--reference: {exc}") from None
+    if not records:
+        raise EvalError(f"--reference {root}: split {split!r} has no volumes")
+    channels = config.diffusion.anatomy_channels
+    with_masks = all(r.mask is not None for r in records) and {"lungs", "heart"} <= set(channels)
+    chain = preprocessing(config, with_masks=with_masks)
+
+    def items() -> Iterator[Item]:
+        for record in records:
+            data = chain(sample(record))
+            hu = unit_to_hu(torch.as_tensor(np.asarray(data["image"][0])), classifier.window)
+            anatomy = None
+            if with_masks:
+                masks = np.asarray(data["mask"]).astype(bool)
+                anatomy = {name: masks[i] for i, name in enumerate(channels)}
+            yield Item(hu, np.asarray(record.labels, np.uint8), anatomy)
+
+    return len(records), with_masks, items
+
+
+def cohort_items(cohort, classifier: FindingClassifier, config, limit: int):
+    """A cohort's committed volumes (manifest order), checked against the classifier's grid."""
+    manifest = cohort.manifest.head(limit)
+    if manifest.empty:
+        raise EvalError(f"{cohort.url}: the cohort has no committed volumes")
+    shape = tuple(int(s) for s in manifest["shape"].iloc[0])
+    spacing = tuple(float(s) for s in manifest["spacing_mm"].iloc[0])
+    if shape != tuple(config.size) or not np.allclose(spacing, config.spacing_mm, atol=1e-3):
+        raise EvalError(
+            f"{cohort.url}: volumes are {_grid(shape, spacing)}, but the classifier reads "
+            f"{_grid(config.size, config.spacing_mm)}; not resampled (that would change what "
+            "is measured): use a classifier trained on the cohort's grid"
+        )
+    missing = [c for c in vocab.COLUMNS if c not in manifest.columns]
+    if missing:
+        raise EvalError(f"{cohort.url}: manifest lacks label columns {missing}")
+
+    def items() -> Iterator[Item]:
+        for _, row in manifest.iterrows():
+            volume = cohort.volume(row["volume_id"], masks=True)
+            masks = volume.masks or {}
+            anatomy = {k: masks[k].astype(bool) for k in ("lungs", "heart") if k in masks}
+            labels = np.array([int(row[c]) for c in vocab.COLUMNS], np.uint8)
+            yield Item(volume.hu, labels, anatomy if len(anatomy) == 2 else None)
+
+    return len(manifest), items
+
+
+def _grid(shape, spacing) -> str:
+    return (
+        f"{' x '.join(str(int(s)) for s in shape)} voxels at "
+        f"{' x '.join(f'{float(s):g}' for s in spacing)} mm"
+    )
+
+
+# ----- summaries ------------------------------------------------------------------------------
+def correctness(scores: Scores, classifier: FindingClassifier, threshold: float) -> dict:
+    """Factual correctness of a set: the classifier against the set's labels."""
+    labels = np.stack(scores.labels)[:, [vocab.COLUMNS.index(c) for c in classifier.findings]]
+    return metrics.factual_correctness(
+        np.stack(scores.probabilities), labels, classifier.findings, threshold
+    )
+
+
+def finding_measures(scores: Scores) -> dict[str, dict]:
+    """For each finding with a physical measure: its mean in volumes labelled with and without
+    the finding, the difference and Welch's t-test p-value (None when undefined)."""
+    if not scores.measures:
+        return {}
+    labels = np.stack(scores.labels)
+    out = {}
+    for column, (key, _sign) in measure.FINDING_MEASURES.items():
+        values = np.array([m[key] for m in scores.measures], float)
+        has = labels[:, vocab.COLUMNS.index(column)].astype(bool)
+        ok = np.isfinite(values)
+        a, b = values[has & ok], values[~has & ok]
+        p = None
+        if len(a) >= 2 and len(b) >= 2 and (np.ptp(a) > 0 or np.ptp(b) > 0):
+            p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+            p = p if math.isfinite(p) else None
+        out[column] = {
+            "measure": key,
+            "with": float(a.mean()) if len(a) else None,
+            "without": float(b.mean()) if len(b) else None,
+            "difference": float(a.mean() - b.mean()) if len(a) and len(b) else None,
+            "p_value": p,
+            "n_with": len(a),
+            "n_without": len(b),
+        }
+    return out
+
+
+def compare(
+    generated: Scores,
+    real: Scores,
+    classifier: FindingClassifier,
+    threshold: float = 0.5,
+) -> dict:
+    """Every metric of the generated set beside the same on the real reference."""
+    gen_fc = correctness(generated, classifier, threshold)
+    real_fc = correctness(real, classifier, threshold)
+    ratio = (
+        gen_fc["macro_auc"] / real_fc["macro_auc"]
+        if math.isfinite(gen_fc["macro_auc"]) and real_fc["macro_auc"]
+        else float("nan")
+    )
+    return {
+        "factual_correctness": {"generated": gen_fc, "real": real_fc, "auc_ratio": ratio},
+        "distances": metrics.distances(generated.features(), real.features()),
+        "measurements": {
+            "generated": finding_measures(generated),
+            "real": finding_measures(real),
+            "definitions": measure.MEASURES,
+        },
+        "hu_quartiles": {
+            "generated": measure.quartiles(generated.hu_sample),
+            "real": measure.quartiles(real.hu_sample),
+        },
+        "volumes": {"generated": len(generated), "real": len(real)},
+    }

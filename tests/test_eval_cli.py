@@ -1,0 +1,131 @@
+"""``ctfactory eval`` without Ray: a small cohort (written by a VolumeWriter) against phantoms."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from factory.cli import main
+from factory.evaluate.classifier import FindingClassifier, load_classifier
+from factory.evaluate.evaluation import compare, reference_items, score
+from factory.evaluate.measure import zones_from
+from factory.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from factory.models.config import load_config
+from factory.pipeline import VolumeWriter, prepare_run
+from factory.store.cohort import CohortStore
+from tests.store_helpers import small_model, write_spec
+from tests.train_helpers import SMALL_MODEL, make_dataset
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 6-volume cohort of the random small model, phantoms on its grid, a classifier."""
+    base = tmp_path_factory.mktemp("eval")
+    model = small_model(base / "model")
+    spec = write_spec(base / "spec.yaml", model, n=6, output=str(base / "cohort"))
+    run = prepare_run(str(spec))
+    writer = VolumeWriter(run.url, {}, run.settings, threads=2)
+    CohortStore(run.url).write_manifest(writer(run.todo).to_pylist())
+    data = make_dataset(base / "phantom", n_train=2, n_valid=6)
+    torch.manual_seed(0)
+    config = load_config(SMALL_MODEL)
+    weights = {"classifier": FindingClassifier(config).state_dict()}
+    save_checkpoint(base / "classifier", config, weights, ModelCard("random-classifier"))
+    return {"cohort": run.url, "data": data, "classifier": base / "classifier", "model": model}
+
+
+def _eval(setup, *extra):
+    return main(
+        [
+            "eval",
+            str(setup["cohort"]),
+            "--reference",
+            str(setup["data"]),
+            "--classifier",
+            str(setup["classifier"]),
+            *extra,
+        ]
+    )
+
+
+def test_eval_writes_every_section(setup, capsys):
+    assert _eval(setup) == 0
+    printed = capsys.readouterr().out
+    assert "factual correctness (macro AUC)" in printed and "FID 3D" in printed
+    result = json.loads((Path(setup["cohort"]) / "report" / "eval.json").read_text())
+    assert result["volumes"] == {"generated": 6, "real": 6}
+    assert {"generated", "real", "auc_ratio"} <= set(result["factual_correctness"])
+    d = result["distances"]
+    assert {"fid_volume", "mmd_volume", "fid_axial", "fid_coronal", "fid_sagittal"} <= set(d)
+    assert d["fid_volume"] > 0 and d["fid_2_5d"] > 0  # random-model noise is not a phantom
+    assert result["reference"]["anatomy_masks"] is True
+    real = result["measurements"]["real"]
+    assert set(real) == {"Pleural effusion", "Emphysema", "Cardiomegaly", "Consolidation"}
+    assert all(v["n_with"] + v["n_without"] == 6 for v in real.values())
+    assert "classifier's vision tower" in result["feature_extractor"]
+    assert result["classifier"]["hash"] == load_checkpoint(str(setup["classifier"])).hash
+
+
+def test_identical_sets_have_zero_distance_and_ratio_one(setup):
+    classifier = load_classifier(str(setup["classifier"]))
+    config = load_checkpoint(str(setup["classifier"])).config
+    n, masks, items = reference_items(str(setup["data"]), "valid", classifier, config, 6)
+    assert n == 6 and masks
+    zones = zones_from(i.anatomy for i in items())
+    a = score(items(), classifier, zones, tuple(config.spacing_mm))
+    b = score(items(), classifier, zones, tuple(config.spacing_mm))
+    result = compare(a, b, classifier)
+    assert result["distances"]["fid_volume"] == pytest.approx(0.0, abs=1e-6)
+    assert result["distances"]["fid_2_5d"] == pytest.approx(0.0, abs=1e-6)
+    ratio = result["factual_correctness"]["auc_ratio"]
+    assert math.isnan(ratio) or ratio == pytest.approx(1.0)
+    assert result["hu_quartiles"]["generated"] == result["hu_quartiles"]["real"]
+    # A shifted set (every volume 200 HU denser) is further away.
+    shifted = score(
+        (type(i)(np.clip(i.hu + 200, -1000, 1000), i.labels, i.anatomy) for i in items()),
+        classifier,
+        zones,
+        tuple(config.spacing_mm),
+    )
+    assert compare(shifted, b, classifier)["distances"]["fid_volume"] > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"reference": "nowhere"}, "no such dataset folder"),
+        ({"split": "test"}, "test_predicted_labels.csv"),
+        ({"classifier": "model"}, "has no classifier network"),
+        ({"limit": "1"}, "--limit"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, change, message):
+    args = {"reference": str(setup["data"]), "classifier": str(setup["classifier"])}
+    if change.get("classifier") == "model":
+        args["classifier"] = str(setup["model"])
+    elif "reference" in change:
+        args["reference"] = str(tmp_path / change["reference"])
+    extra = []
+    if "split" in change:
+        extra = ["--split", change["split"]]
+    if "limit" in change:
+        extra = ["--limit", change["limit"]]
+    cli = ["eval", str(setup["cohort"]), "--reference", args["reference"]]
+    code = main([*cli, "--classifier", args["classifier"], *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_cohort_on_another_grid_is_refused(setup, tmp_path, capsys):
+    config = load_config("tiny")  # 64^3: the cohort is 32^3
+    weights = {"classifier": FindingClassifier(config).state_dict()}
+    save_checkpoint(tmp_path / "c64", config, weights, ModelCard("c64"))
+    cli = ["eval", str(setup["cohort"]), "--reference", str(setup["data"])]
+    code = main([*cli, "--classifier", str(tmp_path / "c64")])
+    err = capsys.readouterr().err
+    assert code == 2 and "32 x 32 x 32 voxels" in err and "64 x 64 x 64 voxels" in err, err
