@@ -78,9 +78,9 @@ class Totals:
             self.bytes_raw += r["bytes_raw"]
 
 
-def run_settings(spec, plan, checkpoint) -> dict:
+def run_settings(spec, plan, checkpoint, classifier=None) -> dict:
     """The settings recorded at the cohort root; two runs with equal identity keys (plan hash,
-    model hash, sampler, grid) make the same volumes."""
+    model hash, sampler, grid, verification) make the same volumes."""
     from importlib.metadata import version
 
     from factory.models.samplers import default_scheduler
@@ -102,8 +102,49 @@ def run_settings(spec, plan, checkpoint) -> dict:
         "grid": {"shape": list(config.size), "spacing_mm": list(config.spacing_mm)},
         "anatomy_channels": list(config.diffusion.anatomy_channels),
         "hu_window": list(config.hu_window),
+        "verify": verify_settings(spec, checkpoint, classifier) if classifier else None,
         "ct_factory_version": version("ct-factory"),
         "created": now(),
+    }
+
+
+def verify_settings(spec, model, classifier) -> dict:
+    """The spec's ``verify`` block as run: the classifier (and its hash), threshold, attempts
+    and the columns checked. A classifier without those outputs, or on another grid than the
+    model's, is refused here, before anything is generated."""
+    from factory.cohort.spec import SpecError
+
+    ref = spec.verify.classifier
+    columns = spec.verify.columns(spec)
+    if not columns:
+        raise SpecError(
+            ("verify", "findings"), "no findings to check: name them here or under labels"
+        )
+    if "classifier" not in classifier.weights:
+        raise SpecError(
+            ("verify", "classifier"),
+            f"{ref} has no classifier network (it has {', '.join(sorted(classifier.weights))})",
+        )
+    missing = [c for c in columns if c not in classifier.config.classifier.findings]
+    if missing:
+        raise SpecError(
+            ("verify", "findings"),
+            f"{ref} has no output for {', '.join(missing)}; it was trained on "
+            f"{', '.join(classifier.config.classifier.findings)}",
+        )
+    mine, theirs = classifier.config, model.config
+    if tuple(mine.size) != tuple(theirs.size) or tuple(mine.spacing_mm) != tuple(theirs.spacing_mm):
+        raise SpecError(
+            ("verify", "classifier"),
+            f"{ref} reads {list(mine.size)} voxels at {list(mine.spacing_mm)} mm, but the model "
+            f"generates {list(theirs.size)} at {list(theirs.spacing_mm)} mm",
+        )
+    return {
+        "classifier": ref,
+        "classifier_hash": classifier.hash,
+        "threshold": spec.verify.threshold,
+        "max_attempts": spec.verify.max_attempts,
+        "findings": columns,
     }
 
 
@@ -133,7 +174,11 @@ def prepare_run(
     sampler = spec.sampler
     check_settings(sampler.steps, sampler.guidance, checkpoint.config.diffusion, sampler.scheduler)
     plan = make_plan(spec)
-    settings = run_settings(spec, plan, checkpoint)
+    classifier = None
+    if spec.verify is not None:
+        ref = spec.verify.classifier
+        classifier = load_checkpoint(ref, storage_options=_model_options(ref, storage_options))
+    settings = run_settings(spec, plan, checkpoint, classifier)
     store = CohortStore(url, storage_options)
     state = store.prepare(settings, spec_text, plan, overwrite)
     recovered, done = store.recover() if state == "resumed" else (0, set())
@@ -188,10 +233,25 @@ class VolumeWriter:
             )
         self.store = CohortStore(url, storage_options)
         self.volumes = self.store.volumes("r+")
+        self.verifier = None
+        if settings.get("verify"):
+            from factory.evaluate.verify import Verifier
+
+            v = settings["verify"]
+            self.verifier = Verifier(
+                v["classifier"],
+                v["findings"],
+                v["threshold"],
+                getattr(self.generator, "device", None),
+                _model_options(v["classifier"], storage_options),
+            )
+            if self.verifier.hash != v["classifier_hash"]:
+                raise RuntimeError(
+                    f"verify.classifier {v['classifier']}: hash {self.verifier.hash[:16]} on "
+                    f"this worker but {v['classifier_hash'][:16]} on the driver"
+                )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from factory.models.generator import Request
-
         rows = batch.to_pylist()
         out: list[dict] = []
         todo = []
@@ -202,22 +262,67 @@ class VolumeWriter:
             else:
                 todo.append(row)
         if todo:
-            s = self.settings["sampler"]
-            requests = [
-                Request(r["prompt"], int(r["seed"]), s["steps"], s["guidance"], s["scheduler"])
-                for r in todo
-            ]
             start = time.perf_counter()
-            volumes = self.generator.generate(requests, batch_size=len(requests))
+            volumes, verdicts = self._generate(todo)
             each = (time.perf_counter() - start) / len(todo)
-            for row, volume in zip(todo, volumes, strict=True):
+            for row, volume, verdict in zip(todo, volumes, verdicts, strict=True):
                 try:
-                    out.append(self._commit(row, volume, each))
+                    out.append(self._commit(row, volume, each, verdict))
                 except StoreError as exc:  # retries are spent: the driver stops the run
                     out.append({**row, "status": "failed", "error": str(exc)})
         return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
 
-    def _commit(self, row: dict, volume, generate_s: float) -> dict:
+    def _generate(self, rows: list[dict]) -> tuple[list, list[dict]]:
+        """The rows' volumes and, per volume, its verification fields (empty without a
+        ``verify`` block): failing volumes are generated again, batched, attempt by attempt."""
+        from factory.evaluate.verify import attempt_seed
+        from factory.models.generator import Request
+
+        s = self.settings["sampler"]
+
+        def generate(idx: list[int], attempt: int) -> list:
+            requests = [
+                Request(
+                    rows[i]["prompt"],
+                    attempt_seed(int(rows[i]["seed"]), attempt),
+                    s["steps"],
+                    s["guidance"],
+                    s["scheduler"],
+                )
+                for i in idx
+            ]
+            return self.generator.generate(requests, batch_size=len(requests))
+
+        everyone = list(range(len(rows)))
+        volumes = generate(everyone, 1)
+        if self.verifier is None:
+            return volumes, [{} for _ in rows]
+        checks = self.verifier.check([v.hu for v in volumes], rows)
+        attempts = [1] * len(rows)
+        for attempt in range(2, self.settings["verify"]["max_attempts"] + 1):
+            again = [i for i in everyone if not checks[i].passed]
+            if not again:
+                break
+            fresh = generate(again, attempt)
+            for i, check in zip(
+                again,
+                self.verifier.check([v.hu for v in fresh], [rows[i] for i in again]),
+                strict=True,
+            ):
+                volumes[i], checks[i], attempts[i] = fresh[again.index(i)], check, attempt
+        verdicts = [
+            {
+                "attempts": attempts[i],
+                "sample_seed": attempt_seed(int(rows[i]["seed"]), attempts[i]),
+                "verified": checks[i].passed,
+                "verify_failed": json.dumps(checks[i].failed),
+                "verify_scores": json.dumps(checks[i].scores, sort_keys=True),
+            }
+            for i in everyone
+        ]
+        return volumes, verdicts
+
+    def _commit(self, row: dict, volume, generate_s: float, verdict: dict) -> dict:
         vid = row["volume_id"]
         start = time.perf_counter()
         record = {
@@ -227,6 +332,7 @@ class VolumeWriter:
             "model": self.settings["model"],
             "model_hash": volume.model_hash,
             "sampler": volume.sampler,
+            "verification": verdict or None,
         }
         sums = retrying(
             f"volume {vid}: writing its arrays",
@@ -252,6 +358,7 @@ class VolumeWriter:
             "generate_s": generate_s,
             "write_s": time.perf_counter() - start,
             "committed_at": now(),
+            **verdict,
         }
         created = self.store.commit(result)
         return {**result, "status": "written" if created else "skipped"}

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from factory import vocab
@@ -109,6 +110,9 @@ def summary(plan, manifest: pd.DataFrame, totals, run) -> tuple[str, dict]:
         "write_s_per_volume": totals.write_s / totals.written if totals.written else None,
         "per_finding": {c: int(v) for c, v in zip(vocab.COLUMNS, in_cohort, strict=True)},
     }
+    verification = verification_rates(manifest, run.settings.get("verify"))
+    if verification is not None:
+        facts["verification"] = verification
     per_volume = stored / len(manifest) if len(manifest) else 0
     lines = [
         f"cohort {run.settings['cohort_id']} at {run.url} ({run.state})",
@@ -124,7 +128,53 @@ def summary(plan, manifest: pd.DataFrame, totals, run) -> tuple[str, dict]:
         f"bytes: {stored / 2**20:,.1f} MiB stored ({per_volume / 2**10:,.0f} KiB per volume), "
         f"{raw / max(stored, 1):.1f}x smaller than raw int16 + uint8",
     ]
+    if verification is not None:
+        lines += ["", *verification_lines(verification)]
     return "\n".join(lines), facts
+
+
+def verification_rates(manifest: pd.DataFrame, verify: dict | None) -> dict | None:
+    """Pass rates of label verification: overall, per checked finding (of the stored attempt)
+    and per attempt count; None when the cohort was not verified."""
+    if not verify or not len(manifest) or "verified" not in manifest:
+        return None
+    rows = manifest[manifest["verified"].notna()]
+    failed = [set(json.loads(f)) for f in rows["verify_failed"]]
+    per = {}
+    for column in verify["findings"]:
+        has = rows[column].astype(bool).to_numpy()
+        ok = np.array([column not in f for f in failed], bool)
+        per[column] = {
+            "pass_rate": float(ok.mean()) if len(ok) else None,
+            "pass_rate_with": float(ok[has].mean()) if has.any() else None,
+            "pass_rate_without": float(ok[~has].mean()) if (~has).any() else None,
+        }
+    return {
+        "classifier": verify["classifier"],
+        "threshold": verify["threshold"],
+        "max_attempts": verify["max_attempts"],
+        "volumes": len(rows),
+        "passed": int(rows["verified"].astype(bool).sum()),
+        "attempts": {int(k): int(v) for k, v in rows["attempts"].value_counts().items()},
+        "per_finding": per,
+    }
+
+
+def verification_lines(v: dict) -> list[str]:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    lines = [
+        f"verification ({v['classifier']}, threshold {v['threshold']}, at most "
+        f"{v['max_attempts']} attempts): {v['passed']:,} of {v['volumes']:,} volumes passed; "
+        "attempts " + ", ".join(f"{k}: {n:,}" for k, n in sorted(v["attempts"].items())),
+    ]
+    for column, r in v["per_finding"].items():
+        lines.append(
+            f"  {column}: {pct(r['pass_rate'])} pass (labelled with: {pct(r['pass_rate_with'])}, "
+            f"without: {pct(r['pass_rate_without'])})"
+        )
+    return lines
 
 
 def write_report(store: CohortStore, plan, totals, run, per_finding: int = 2) -> str:

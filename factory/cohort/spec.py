@@ -184,11 +184,22 @@ class SamplerSpec(_Strict):
 
 
 class VerifySpec(_Strict):
-    """Label verification and resampling (used by the evaluation stage)."""
+    """Label verification in the generator actors: the classifier checks each volume's
+    ``findings`` (default: those named under ``labels``); a failing volume is generated again
+    from a new derived seed, at most ``max_attempts`` times in all."""
 
     classifier: str
-    threshold: float = Field(0.5, ge=0, le=1)
-    max_attempts: int = Field(3, ge=1)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    max_attempts: int = Field(3, ge=1, le=20)
+    findings: list[str] | None = None
+
+    def columns(self, spec: CohortSpec) -> list[str]:
+        """The CT-RATE columns to check, in vocabulary order."""
+        if self.findings is None:
+            fids = set(spec.resolved.targets)
+        else:
+            fids = {_names(f, ("verify", "findings", i)) for i, f in enumerate(self.findings)}
+        return [f.column for f in vocab.FINDINGS if f.id in fids]
 
 
 @dataclass(frozen=True)
@@ -698,6 +709,10 @@ def _resolve(spec: CohortSpec) -> Resolved:
     _checkpoint(spec.model, ("model",))
     if spec.verify is not None:
         _checkpoint(spec.verify.classifier, ("verify", "classifier"))
+        if spec.verify.findings is not None:
+            if not spec.verify.findings:
+                raise SpecError(("verify", "findings"), "is empty; name findings or leave it out")
+            spec.verify.columns(spec)  # unknown names fail here, naming the entry
     url = _URL_PATTERN.match(spec.output)
     if not spec.output.strip() or ("://" in spec.output and not url):
         raise SpecError(

@@ -49,7 +49,7 @@ COMMITTED = "committed"
 MANIFEST = "manifest"
 REPORT = "report"
 # Settings that make two runs produce different volumes: a mismatch refuses the resume.
-IDENTITY_KEYS = ("plan_hash", "model_hash", "sampler", "grid")
+IDENTITY_KEYS = ("plan_hash", "model_hash", "sampler", "grid", "verify")
 
 RESULT_FIELDS: list[pa.Field] = [
     pa.field("model_hash", pa.string()),
@@ -68,6 +68,14 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("hu_p50", pa.float64()),
     pa.field("hu_p99", pa.float64()),
     pa.field("committed_at", pa.string()),
+    # Label verification (null when the spec has no verify block): the attempts made, the
+    # seed of the stored attempt, whether it passed, the checked findings that failed (JSON
+    # list) and the classifier's probabilities for the checked findings (JSON object).
+    pa.field("attempts", pa.int32()),
+    pa.field("sample_seed", pa.int64()),
+    pa.field("verified", pa.bool_()),
+    pa.field("verify_failed", pa.string()),
+    pa.field("verify_scores", pa.string()),
 ]
 MANIFEST_SCHEMA = pa.schema([*PLAN_FIELDS, *RESULT_FIELDS])
 FINDING_COLUMNS = list(vocab.COLUMNS)
@@ -267,7 +275,8 @@ class CohortStore:
         tables = [pq.read_table(io.BytesIO(self.fs.cat_file(p))) for p in parts]
         if not tables:
             return MANIFEST_SCHEMA.empty_table().to_pandas()
-        frame = pa.concat_tables(tables).to_pandas()
+        # Parts written before a column existed read it as null.
+        frame = pa.concat_tables(tables, promote_options="default").to_pandas()
         # A part re-written after a crash may repeat rows: the same volume, the same values.
         frame = frame.drop_duplicates("volume_id").sort_values("index", kind="stable")
         return frame.reset_index(drop=True)
