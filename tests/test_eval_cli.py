@@ -18,8 +18,11 @@ from factory.models.checkpoint import ModelCard, load_checkpoint, save_checkpoin
 from factory.models.config import load_config
 from factory.pipeline import VolumeWriter, prepare_run
 from factory.store.cohort import CohortStore
+from tests.browser_helpers import chromium
 from tests.store_helpers import small_model, write_spec
 from tests.train_helpers import SMALL_MODEL, make_dataset
+
+EFFUSION = "Pleural effusion"
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +132,54 @@ def test_a_cohort_on_another_grid_is_refused(setup, tmp_path, capsys):
     code = main([*cli, "--classifier", str(tmp_path / "c64")])
     err = capsys.readouterr().err
     assert code == 2 and "32 x 32 x 32 voxels" in err and "64 x 64 x 64 voxels" in err, err
+
+
+def test_report_is_one_html_file_that_opens_in_chromium(setup, tmp_path, capsys):
+    assert _eval(setup) == 0  # the report shows eval.json's metrics
+    assert main(["report", str(setup["cohort"]), "--out", str(tmp_path / "qc")]) == 0
+    assert "report.html" in capsys.readouterr().out
+    page = (tmp_path / "qc" / "report.html").read_text()
+    for section in ("prevalence", "cooccurrence", "demographics", "metrics", "montage", "pairs"):
+        assert f'id="{section}"' in page, section
+    assert "macro AUC (factual correctness)" in page and "fid 2 5d" in page
+    assert 'src="http' not in page and 'src="data:image/png;base64,' in page  # self-contained
+    figures = sorted(p.name for p in (tmp_path / "qc").glob("*.png"))
+    assert figures == [
+        "qc-cooccurrence.png", "qc-demographics.png", "qc-montage.png", "qc-prevalence.png"
+    ]  # fmt: skip
+    for name in figures:
+        assert (tmp_path / "qc" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The default place is the cohort's report/ folder.
+    assert main(["report", str(setup["cohort"])]) == 0
+    assert (Path(setup["cohort"]) / "report" / "report.html").read_text() == page
+
+    driver = chromium()
+    try:
+        driver.get((tmp_path / "qc" / "report.html").as_uri())
+        assert driver.title.startswith("ct-factory QC report")
+        loaded = driver.execute_script(
+            "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)"
+        )
+        assert loaded and all(loaded), loaded
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+    finally:
+        driver.quit()
+
+
+def test_prevalence_table_follows_spec_plan_and_manifest(setup):
+    from factory.evaluate.qc import prevalence_table
+    from factory.store.reader import open_cohort
+
+    store = open_cohort(str(setup["cohort"]))
+    manifest = store.manifest
+    plan = store.read_plan().to_pandas()
+    table = prevalence_table(store.settings(), plan, manifest).set_index("finding")
+    # write_spec asks for 50 % pleural effusion in 6 volumes (exact allocation: 3).
+    assert table.loc["Pleural effusion", "requested"] == pytest.approx(0.5)
+    assert table.loc["Pleural effusion", "planned"] == pytest.approx(plan[EFFUSION].mean())
+    assert table.loc["Pleural effusion", "in_cohort"] == pytest.approx(manifest[EFFUSION].mean())
+    assert table.loc["Emphysema", "requested"] is None or np.isnan(
+        table.loc["Emphysema", "requested"]
+    )
+    assert "verified" not in table  # this cohort has no verify block

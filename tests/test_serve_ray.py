@@ -33,10 +33,10 @@ from factory.models.checkpoint import load_checkpoint
 from factory.phantom.grid import Grid
 from factory.store.layout import read_volume
 
+from .browser_helpers import chromium
 from .store_helpers import small_model
 
 KEY_ENV, KEY = "CTFACTORY_TEST_SERVE_KEY", "s3cret-key"
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 def free_port() -> int:
@@ -298,27 +298,11 @@ def test_openapi_fuzzed_with_schemathesis_gives_no_5xx(http, tmp_path):
 
 
 def test_web_page_in_headless_chromium(http):
-    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), (
-        "the browser test needs Debian's chromium and chromium-driver: "
-        "apt-get install chromium chromium-driver (make browser)"
-    )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager look for drivers online
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver = chromium()
     try:
         driver.get(http.base + "/")
         wait = WebDriverWait(driver, 120)

@@ -22,6 +22,14 @@ downloaded. Physical measurements (effusion mL, %LAA-950, cardiothoracic ratio) 
 masks in the reference. The results go to {cohort}/report/eval.json unless --out is given.
 """
 
+REPORT_EXAMPLES = """\
+examples:
+  ctfactory eval demo-out/cohort --reference build/demo-data && ctfactory report demo-out/cohort
+  ctfactory report s3://bucket/cohorts/effusion --out qc/ --endpoint-url http://host:9000
+
+report.html inlines every picture, so it can be mailed or attached to a paper as one file.
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -44,6 +52,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="where to write eval.json (default: the cohort's report/)")
     add_storage_args(p)
     p.set_defaults(func=run_eval)
+
+    r = sub.add_parser(
+        "report",
+        help="write a cohort's QC report: one self-contained HTML file and its figures as PNG",
+        description="The QC report of a cohort: requested vs planned vs stored vs verified "
+        "prevalence, co-occurrence, demographics, the metrics of `ctfactory eval` beside the "
+        "real reference, a montage per finding and the model's prompt pairs.",
+        epilog=REPORT_EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    r.add_argument("url", metavar="COHORT_URL", help="the cohort: a path, file:// or s3:// URL")
+    r.add_argument("--out", help="a local folder for report.html and the PNGs (default: the "
+                   "cohort's report/)")  # fmt: skip
+    add_storage_args(r)
+    r.set_defaults(func=run_report)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -146,3 +169,32 @@ def summary(result: dict) -> str:
             f"{_f(r.get('difference'))} real"
         )
     return "\n".join(lines)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from factory.evaluate.qc import build_report, model_images
+    from factory.store.cohort import REPORT, CohortStore
+    from factory.store.fs import StoreError
+    from factory.store.reader import open_cohort
+
+    options = storage_options(args)
+    try:
+        store: CohortStore = open_cohort(args.url, options)
+        report = build_report(store, model_images(store.settings().get("model", ""), options))
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    files = {"report.html": report["html"].encode(), **report["figures"]}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+        where = str(out)
+    else:
+        for name, data in files.items():
+            store.put(f"{REPORT}/{name}", data)
+        where = f"{store.url}/{REPORT}"
+    print(f"report: {where}/report.html ({len(files) - 1} figures beside it)")
+    return 0

@@ -209,6 +209,13 @@ class CohortStore:
         else:
             retrying(f"{self.url}/{name}", lambda: self.fs.pipe_file(path, data))
 
+    def get(self, name: str) -> bytes | None:
+        """A file under the cohort root (as :meth:`put` wrote it), or None if there is none."""
+        try:
+            return self.fs.cat_file(self._p(name))
+        except FileNotFoundError:
+            return None
+
     # ----- the commit protocol ----------------------------------------------------------------
     def marker_path(self, volume_id: str) -> str:
         return self._p(COMMITTED, f"{volume_id}.json")
@@ -281,10 +288,13 @@ class CohortStore:
         frame = frame.drop_duplicates("volume_id").sort_values("index", kind="stable")
         return frame.reset_index(drop=True)
 
+    def read_plan(self, columns: list[str] | None = None) -> pa.Table:
+        """The plan stored at the root: one row per planned volume (labels, demographics...)."""
+        return pq.read_table(io.BytesIO(self.fs.cat_file(self._p(PLAN_FILE))), columns=columns)
+
     def plan_ids(self) -> list[str]:
         """The ids of every planned volume, from the plan stored at the root."""
-        data = io.BytesIO(self.fs.cat_file(self._p(PLAN_FILE)))
-        return pq.read_table(data, columns=["volume_id"]).column("volume_id").to_pylist()
+        return self.read_plan(["volume_id"]).column("volume_id").to_pylist()
 
     def volume(self, volume_id: str, masks: bool = True) -> StoredVolume:
         """A committed volume: HU (int16, x y z), masks, affine, spacing and its record."""
