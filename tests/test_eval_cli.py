@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from factory import vocab
 from factory.cli import main
 from factory.evaluate.classifier import FindingClassifier, load_classifier
 from factory.evaluate.evaluation import compare, reference_items, score
@@ -72,6 +73,17 @@ def test_eval_writes_every_section(setup, capsys):
     assert all(v["n_with"] + v["n_without"] == 6 for v in real.values())
     assert "classifier's vision tower" in result["feature_extractor"]
     assert result["classifier"]["hash"] == load_checkpoint(str(setup["classifier"])).hash
+    assert result["clip"] is None  # the random test model has no 3D CLIP
+
+
+def test_eval_with_a_3d_clip_scores_prompts_retrieval_and_zero_shot(setup, tmp_path):
+    assert _eval(setup, "--clip", "builtin:demo", "--out", str(tmp_path / "e.json")) == 0
+    clip = json.loads((tmp_path / "e.json").read_text())["clip"]
+    assert all(-1 <= v <= 1 for v in clip["score"].values())
+    retrieval = clip["real_retrieval"]
+    assert retrieval["volumes"] == 6
+    assert 0 <= retrieval["text_to_image_r1"] <= retrieval["text_to_image_r5"] <= 1
+    assert set(clip["real_zero_shot"]["per_finding"]) == set(vocab.COLUMNS)
 
 
 def test_identical_sets_have_zero_distance_and_ratio_one(setup):
@@ -99,27 +111,18 @@ def test_identical_sets_have_zero_distance_and_ratio_one(setup):
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("extra", "message"),
     [
-        ({"reference": "nowhere"}, "no such dataset folder"),
-        ({"split": "test"}, "test_predicted_labels.csv"),
-        ({"classifier": "model"}, "has no classifier network"),
-        ({"limit": "1"}, "--limit"),
+        (["--reference", "{tmp}/nowhere"], "no such dataset folder"),
+        (["--split", "test"], "test_predicted_labels.csv"),
+        (["--classifier", "{model}"], "has no classifier network"),
+        (["--limit", "1"], "--limit"),
+        (["--clip", "{model}"], "has no clip network"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, change, message):
-    args = {"reference": str(setup["data"]), "classifier": str(setup["classifier"])}
-    if change.get("classifier") == "model":
-        args["classifier"] = str(setup["model"])
-    elif "reference" in change:
-        args["reference"] = str(tmp_path / change["reference"])
-    extra = []
-    if "split" in change:
-        extra = ["--split", change["split"]]
-    if "limit" in change:
-        extra = ["--limit", change["limit"]]
-    cli = ["eval", str(setup["cohort"]), "--reference", args["reference"]]
-    code = main([*cli, "--classifier", args["classifier"], *extra])
+def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, extra, message):
+    extra = [e.format(tmp=tmp_path, model=setup["model"]) for e in extra]
+    code = _eval(setup, *extra)  # a later option replaces the one _eval gives
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
 

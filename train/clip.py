@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from factory.evaluate.metrics import recall_at
 from factory.models.clip import CLIP3D, MAX_LOGIT_SCALE
 from factory.models.text import TextEncoder
 from train.config import TrainConfig
@@ -41,13 +42,6 @@ class CLIPStep(nn.Module):
         logits = scale * image.float() @ text.float().T
         target = matching(texts).to(logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-
-def recall_at(similarity: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose own column is among their ``k`` most similar."""
-    k = min(k, similarity.shape[1])
-    top = similarity.topk(k, dim=1).indices
-    return float((top == torch.arange(len(similarity))[:, None]).any(1).float().mean())
 
 
 class CLIPTask:

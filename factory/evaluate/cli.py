@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--classifier", default="builtin:demo-classifier", help="finding classifier checkpoint"
     )
+    p.add_argument(
+        "--clip",
+        default="model",
+        help="3D CLIP checkpoint for CLIP score, retrieval and zero-shot metrics: 'model' (the "
+        "cohort's model, when it has one) or 'none'",
+    )
     p.add_argument("--limit", type=int, default=1000, help="at most this many volumes per set")
     p.add_argument("--threshold", type=float, default=0.5, help="probability called positive")
     p.add_argument("--out", help="where to write eval.json (default: the cohort's report/)")
@@ -74,6 +80,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from factory.evaluate.classifier import load_classifier
     from factory.evaluate.evaluation import (
+        ClipModel,
         EvalError,
         cohort_items,
         compare,
@@ -104,19 +111,28 @@ def run_eval(args: argparse.Namespace) -> int:
         n_real, has_masks, real_items = reference_items(
             args.reference, args.split, classifier, config, args.limit
         )
+        clip_ref = cohort.settings().get("model") if args.clip == "model" else args.clip
+        clip = None
+        if clip_ref and clip_ref != "none":
+            clip_checkpoint = load_checkpoint(clip_ref, storage_options=_options(clip_ref, options))
+            if "clip" in clip_checkpoint.weights:
+                clip = ClipModel.load(clip_checkpoint)
+            elif args.clip != "model":
+                raise UsageError(f"--clip {clip_ref}: this checkpoint has no clip network")
     except (CheckpointError, StoreError, EvalError) as exc:
         raise UsageError(str(exc)) from None
 
     spacing = tuple(config.spacing_mm)
     zones = zones_from(i.anatomy for i in real_items()) if has_masks else None
     with tqdm(total=n_gen + n_real, unit="vol", desc="eval", mininterval=1.0) as bar:
-        generated = score(gen_items(), classifier, zones, spacing, bar.update)
-        real = score(real_items(), classifier, zones, spacing, bar.update)
-    result = compare(generated, real, classifier, args.threshold)
+        generated = score(gen_items(), classifier, zones, spacing, bar.update, clip)
+        real = score(real_items(), classifier, zones, spacing, bar.update, clip)
+    result = compare(generated, real, classifier, args.threshold, clip)
     result.update(
         cohort=args.url,
         reference={"root": args.reference, "split": args.split, "anatomy_masks": has_masks},
         classifier={"ref": args.classifier, "hash": checkpoint.hash, "name": checkpoint.card.name},
+        clip_model=clip_ref if clip is not None else None,
         feature_extractor=(
             f"the finding classifier's vision tower ({args.classifier}, "
             f"{classifier.encoder.out_channels} channels): pooled for 3D, per slab for 2.5D"
@@ -129,6 +145,11 @@ def run_eval(args: argparse.Namespace) -> int:
     print(summary(result))
     print(f"eval: {out}")
     return 0
+
+
+def _options(ref: str, options: dict) -> dict | None:
+    """Object-store checkpoints use the cohort's storage options (endpoint, credentials)."""
+    return options or None if "://" in ref and not ref.startswith("file://") else None
 
 
 def finite(value):
@@ -159,6 +180,15 @@ def summary(result: dict) -> str:
         f"FID 3D {_f(d.get('fid_volume'))}, 2.5D {_f(d.get('fid_2_5d'))}; "
         f"MMD 3D {_f(d.get('mmd_volume'))}",
     ]
+    clip = result.get("clip")
+    if clip:
+        r = clip["real_retrieval"]
+        lines.append(
+            f"CLIP score: generated {_f(clip['score']['generated'])}, real "
+            f"{_f(clip['score']['real'])}; real report-to-volume R@1 "
+            f"{_f(r.get('text_to_image_r1'))}, R@5 {_f(r.get('text_to_image_r5'))}; "
+            f"zero-shot macro AUC {_f(clip['real_zero_shot']['macro_auc'])}"
+        )
     gen_m = result["measurements"]["generated"]
     real_m = result["measurements"]["real"]
     for column, g in gen_m.items():

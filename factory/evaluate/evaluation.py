@@ -23,7 +23,9 @@ from factory.data.ctrate import DatasetError, read_split
 from factory.data.transforms import preprocessing, sample
 from factory.evaluate import measure, metrics
 from factory.evaluate.classifier import FindingClassifier
-from factory.models.intensity import unit_to_hu
+from factory.models.checkpoint import Checkpoint
+from factory.models.clip import CLIP3D
+from factory.models.intensity import hu_to_unit, unit_to_hu
 
 BATCH = 8
 
@@ -39,6 +41,7 @@ class Item:
     hu: np.ndarray
     labels: np.ndarray
     anatomy: dict[str, np.ndarray] | None = None
+    text: str = ""  # the prompt of a generated volume, the report of a real one
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Scores:
     plane_features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     measures: list[dict[str, float]] = field(default_factory=list)
     hu_sample: list[np.ndarray] = field(default_factory=list)
+    clip_image: list[torch.Tensor] = field(default_factory=list)  # unit embeddings
+    clip_text: list[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,14 +66,28 @@ class Scores:
         return out
 
 
+@dataclass
+class ClipModel:
+    """A 3D CLIP and the HU window its vision tower reads."""
+
+    clip: CLIP3D
+    window: tuple[float, float]
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, device=None) -> ClipModel:
+        return cls(CLIP3D.from_checkpoint(checkpoint, device), tuple(checkpoint.config.hu_window))
+
+
 def score(
     items: Iterable[Item],
     classifier: FindingClassifier,
     zones: Mapping[str, np.ndarray] | None,
     spacing_mm: tuple[float, float, float],
     progress: Callable[[int], object] | None = None,
+    clip: ClipModel | None = None,
 ) -> Scores:
-    """Classifier outputs, features and measurements of every item, in batches."""
+    """Classifier outputs, features and measurements of every item (and, with ``clip``, the
+    CLIP embeddings of each volume and its text), in batches."""
     out = Scores()
     device = next(classifier.parameters()).device
     rng = np.random.default_rng(0)
@@ -84,6 +103,13 @@ def score(
         for plane, feats in metrics.plane_features(fmap.double().cpu()).items():
             out.plane_features.setdefault(plane, []).append(feats)
         out.probabilities.extend(probs.float().cpu().numpy())
+        if clip is not None:
+            hu = torch.as_tensor(np.stack([i.hu for i in batch]), dtype=torch.float32)
+            with torch.no_grad():
+                image = clip.clip.encode_image(hu_to_unit(hu, clip.window)[:, None].to(device))
+                text = clip.clip.encode_text([i.text for i in batch])
+            out.clip_image.append(image.float().cpu())
+            out.clip_text.append(text.float().cpu())
         for item in batch:
             out.labels.append(item.labels)
             if zones is not None:
@@ -126,7 +152,7 @@ def reference_items(root: str, split: str, classifier: FindingClassifier, config
             if with_masks:
                 masks = np.asarray(data["mask"]).astype(bool)
                 anatomy = {name: masks[i] for i, name in enumerate(channels)}
-            yield Item(hu, np.asarray(record.labels, np.uint8), anatomy)
+            yield Item(hu, np.asarray(record.labels, np.uint8), anatomy, record.report)
 
     return len(records), with_masks, items
 
@@ -154,7 +180,7 @@ def cohort_items(cohort, classifier: FindingClassifier, config, limit: int):
             masks = volume.masks or {}
             anatomy = {k: masks[k].astype(bool) for k in ("lungs", "heart") if k in masks}
             labels = np.array([int(row[c]) for c in vocab.COLUMNS], np.uint8)
-            yield Item(volume.hu, labels, anatomy if len(anatomy) == 2 else None)
+            yield Item(volume.hu, labels, anatomy if len(anatomy) == 2 else None, row["prompt"])
 
     return len(manifest), items
 
@@ -203,11 +229,43 @@ def finding_measures(scores: Scores) -> dict[str, dict]:
     return out
 
 
+def clip_metrics(generated: Scores, real: Scores, clip: ClipModel, ks=(1, 5)) -> dict:
+    """CLIP score (mean cosine of each volume with its own text) of both sets, and CLIP's own
+    quality on the real set: report-to-volume and volume-to-report Recall@K, and zero-shot
+    finding classification ("X" against "no X"), AUC per finding."""
+    image, text = torch.cat(real.clip_image), torch.cat(real.clip_text)
+    sim = image @ text.T
+    labels = np.stack(real.labels)
+    columns = list(vocab.COLUMNS)
+    with torch.no_grad():
+        yes = clip.clip.encode_text([c.lower() for c in columns]).float().cpu()
+        no = clip.clip.encode_text([f"no {c.lower()}" for c in columns]).float().cpu()
+    zero_shot = (image @ yes.T - image @ no.T).numpy()
+    per = {c: metrics.auc(zero_shot[:, j], labels[:, j]) for j, c in enumerate(columns)}
+    scored = [v for v in per.values() if math.isfinite(v)]
+    return {
+        "score": {
+            name: float((torch.cat(s.clip_image) * torch.cat(s.clip_text)).sum(1).mean())
+            for name, s in (("generated", generated), ("real", real))
+        },
+        "real_retrieval": {
+            **{f"text_to_image_r{k}": metrics.recall_at(sim.T, k) for k in ks},
+            **{f"image_to_text_r{k}": metrics.recall_at(sim, k) for k in ks},
+            "volumes": len(real),
+        },
+        "real_zero_shot": {
+            "macro_auc": float(np.mean(scored)) if scored else float("nan"),
+            "per_finding": per,
+        },
+    }
+
+
 def compare(
     generated: Scores,
     real: Scores,
     classifier: FindingClassifier,
     threshold: float = 0.5,
+    clip: ClipModel | None = None,
 ) -> dict:
     """Every metric of the generated set beside the same on the real reference."""
     gen_fc = correctness(generated, classifier, threshold)
@@ -230,4 +288,5 @@ def compare(
             "real": measure.quartiles(real.hu_sample),
         },
         "volumes": {"generated": len(generated), "real": len(real)},
+        "clip": clip_metrics(generated, real, clip) if clip is not None else None,
     }

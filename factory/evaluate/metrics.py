@@ -70,6 +70,13 @@ def factual_correctness(
     }
 
 
+def recall_at(similarity: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose own column is among their ``k`` most similar (retrieval R@K)."""
+    k = min(k, similarity.shape[1])
+    top = similarity.topk(k, dim=1).indices
+    return float((top == torch.arange(len(similarity))[:, None]).any(1).float().mean())
+
+
 def fid(generated: torch.Tensor | np.ndarray, real: torch.Tensor | np.ndarray) -> float:
     """Frechet distance of two feature sets (N, C), MONAI's ``FIDMetric``."""
     a, b = _features(generated, "generated"), _features(real, "real")

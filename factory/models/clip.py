@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import ResidualUnit
 from torch import nn
 
+from factory.models.checkpoint import Checkpoint
 from factory.models.config import ModelConfig
 from factory.models.text import TextEncoder
 
@@ -98,6 +99,18 @@ class CLIP3D(nn.Module):
             cfg.clip.temperature,
             train_text,
         )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, device=None) -> CLIP3D:
+        """The 3D CLIP a checkpoint holds (its ``clip`` network and text tower), in eval mode."""
+        state = checkpoint.state_dict("clip")
+        text = TextEncoder.from_config(checkpoint.config.text, checkpoint.directory / "text")
+        if "text" in checkpoint.weights:  # a text tower fine-tuned with the 3D CLIP
+            text.load_state_dict(checkpoint.state_dict("text"))
+        train_text = any(k.startswith("text.") for k in state)
+        clip = cls.from_config(checkpoint.config, text, train_text)
+        clip.load_trainable_state_dict(state)
+        return clip.to(device or "cpu").eval()
 
     def train(self, mode: bool = True) -> CLIP3D:
         """Set train/eval mode; a frozen text tower stays in eval mode (no dropout) regardless."""
