@@ -71,6 +71,10 @@ def test_eval_writes_every_section(setup, capsys):
     real = result["measurements"]["real"]
     assert set(real) == {"Pleural effusion", "Emphysema", "Cardiomegaly", "Consolidation"}
     assert all(v["n_with"] + v["n_without"] == 6 for v in real.values())
+    # The phantom reference has exact ground truth: the measured CTR is the phantom's own.
+    agreement = result["measurements"]["phantom_agreement"]
+    assert agreement["volumes"] == 6 and agreement["ctr"]["n"] == 6
+    assert agreement["ctr"]["mean_abs_difference"] < 2e-3  # the truth is rounded to 0.001
     assert "classifier's vision tower" in result["feature_extractor"]
     assert result["classifier"]["hash"] == load_checkpoint(str(setup["classifier"])).hash
     assert result["clip"] is None  # the random test model has no 3D CLIP

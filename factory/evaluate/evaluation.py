@@ -10,9 +10,11 @@ volumes, so a cohort of any size streams through in bounded memory.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ class Item:
     labels: np.ndarray
     anatomy: dict[str, np.ndarray] | None = None
     text: str = ""  # the prompt of a generated volume, the report of a real one
+    truth: dict | None = None  # a phantom's ground truth (ground_truth/{split}/{stem}.json)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Scores:
     hu_sample: list[np.ndarray] = field(default_factory=list)
     clip_image: list[torch.Tensor] = field(default_factory=list)  # unit embeddings
     clip_text: list[torch.Tensor] = field(default_factory=list)
+    truths: list[dict | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -112,6 +116,7 @@ def score(
             out.clip_text.append(text.float().cpu())
         for item in batch:
             out.labels.append(item.labels)
+            out.truths.append(item.truth)
             if zones is not None:
                 out.measures.append(
                     measure.measure_volume(item.hu, zones, spacing_mm, item.anatomy)
@@ -144,6 +149,12 @@ def reference_items(root: str, split: str, classifier: FindingClassifier, config
     with_masks = all(r.mask is not None for r in records) and {"lungs", "heart"} <= set(channels)
     chain = preprocessing(config, with_masks=with_masks)
 
+    truth_dir = Path(root) / "ground_truth" / split
+
+    def truth(name: str) -> dict | None:
+        path = truth_dir / f"{name.removesuffix('.gz').removesuffix('.nii')}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def items() -> Iterator[Item]:
         for record in records:
             data = chain(sample(record))
@@ -152,7 +163,8 @@ def reference_items(root: str, split: str, classifier: FindingClassifier, config
             if with_masks:
                 masks = np.asarray(data["mask"]).astype(bool)
                 anatomy = {name: masks[i] for i, name in enumerate(channels)}
-            yield Item(hu, np.asarray(record.labels, np.uint8), anatomy, record.report)
+            labels = np.asarray(record.labels, np.uint8)
+            yield Item(hu, labels, anatomy, record.report, truth(record.name))
 
     return len(records), with_masks, items
 
@@ -260,6 +272,41 @@ def clip_metrics(generated: Scores, real: Scores, clip: ClipModel, ks=(1, 5)) ->
     }
 
 
+def phantom_agreement(real: Scores) -> dict | None:
+    """On a phantom reference, where the truth is exact: each measurement against the phantom's
+    own (its masks and the volumes it painted). Pearson r, and the mean absolute difference of
+    the cardiothoracic ratio; None without ground truth or measurements."""
+    pairs = [(m, t) for m, t in zip(real.measures, real.truths, strict=False) if t is not None]
+    if len(pairs) < 3:
+        return None
+
+    def painted(t: dict) -> float:
+        effusion = t.get("findings", {}).get("pleural_effusion", {})
+        return sum(float(effusion[s]["volume_ml"]) for s in ("left", "right") if s in effusion)
+
+    series = {
+        "ctr": [(m["ctr"], t["measurements"].get("cardiothoracic_ratio")) for m, t in pairs],
+        "laa950_pct": [
+            (m["laa950_pct"], t["measurements"].get("laa950_percent")) for m, t in pairs
+        ],
+        "effusion_ml": [(m["effusion_ml"], painted(t)) for m, t in pairs],
+    }
+    out: dict = {"volumes": len(pairs)}
+    for key, values in series.items():
+        ok = np.array(
+            [(a, b) for a, b in values if b is not None and math.isfinite(a)], float
+        ).reshape(-1, 2)
+        r = (
+            float(np.corrcoef(ok[:, 0], ok[:, 1])[0, 1])
+            if len(ok) >= 3 and ok.std(axis=0).min() > 0
+            else None
+        )
+        out[key] = {"pearson_r": r, "n": len(ok)}
+        if key == "ctr" and len(ok):
+            out[key]["mean_abs_difference"] = float(np.abs(ok[:, 0] - ok[:, 1]).mean())
+    return out
+
+
 def compare(
     generated: Scores,
     real: Scores,
@@ -281,6 +328,7 @@ def compare(
         "measurements": {
             "generated": finding_measures(generated),
             "real": finding_measures(real),
+            "phantom_agreement": phantom_agreement(real),
             "definitions": measure.MEASURES,
         },
         "hu_quartiles": {

@@ -191,6 +191,33 @@ def metrics_html(result: Mapping | None) -> str:
                 ],
             ),
         ]
+    agreement = measures.get("phantom_agreement")
+    if agreement:
+        parts += [
+            "<h3>Measurements against the phantom's ground truth (real reference)</h3>",
+            _table(
+                ["measure", "Pearson r", "volumes", "mean |difference|"],
+                [
+                    [k, v["pearson_r"], v["n"], v.get("mean_abs_difference")]
+                    for k, v in agreement.items()
+                    if isinstance(v, dict)
+                ],
+            ),
+        ]
+    clip = result.get("clip")
+    if clip:
+        r = clip["real_retrieval"]
+        parts += [
+            f"<h3>3D CLIP ({html.escape(str(result.get('clip_model')))})</h3>",
+            _table(
+                ["metric", "generated", "real"],
+                [
+                    ["CLIP score", clip["score"]["generated"], clip["score"]["real"]],
+                    *[[f"real {k.replace('_', ' ')}", None, v] for k, v in r.items()],
+                    ["real zero-shot macro AUC", None, clip["real_zero_shot"]["macro_auc"]],
+                ],
+            ),
+        ]
     return "\n".join(parts)
 
 
