@@ -315,6 +315,13 @@ def test_diffusion_text_cache_matches_the_encoder(dataset, tmp_path):
     task.text.encode = lambda t, **kw: calls.append(list(t)) or encode(t, **kw)
     task.encode(["a", effusion, "a"])
     assert calls == [[effusion]]  # only the evicted text is encoded again
+    # A cached text in a batch that also evicts: it must not be evicted before it is read
+    # (this once failed a 4,000-step run with a KeyError after 3,750 steps).
+    assert list(task._texts) == ["a", effusion]
+    tokens, _ = task.encode(["a", normal])  # "a" is the oldest, normal evicts one
+    want, want_mask = task.text.encode(["a", normal], pad_to_max=True)
+    torch.testing.assert_close(tokens, want * want_mask[..., None], atol=2e-3, rtol=2e-3)
+    assert list(task._texts) == ["a", normal]  # effusion, least recently used, went
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ class DiffusionTask:
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen-encoder tokens and mask for ``texts``, as ``TextEncoder.encode`` pads them.
 
-        Each epoch repeats the same reports, so their real tokens are cached (float16, oldest
-        evicted first): on CPU the encoder costs about a quarter of a step.
+        Each epoch repeats the same reports, so their real tokens are cached (float16, least
+        recently used evicted first): on CPU the encoder costs about a quarter of a step.
         """
         missing = [t for t in dict.fromkeys(texts) if t not in self._texts]
         fresh = {}
@@ -49,13 +49,16 @@ class DiffusionTask:
                 tokens, mask = self.text.encode(missing, pad_to_max=True)
             for text, tok, keep in zip(missing, tokens, mask, strict=True):
                 fresh[text] = tok[keep].to(torch.float16)
+        rows = [fresh[t] if t in fresh else self._texts[t] for t in texts]
         capacity = self.cfg.diffusion.text_cache
+        for text in texts:  # least recently used first out: this batch's texts are kept
+            if text in self._texts:
+                self._texts.move_to_end(text)
         for text, tok in fresh.items():
             if capacity:
                 self._texts[text] = tok
         while len(self._texts) > capacity:
             self._texts.popitem(last=False)
-        rows = [fresh[t] if t in fresh else self._texts[t] for t in texts]
         hidden = self.model_cfg.text.hidden_size
         tokens = torch.zeros(len(texts), self.model_cfg.text.max_tokens, hidden, device=self.device)
         mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=self.device)
