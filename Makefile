@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(BIN)/ctfactory phantom --n 8 --size 64 --seed 0 --out $(DEMO_OUT)/phantom --preview --overwrite
+	$(BIN)/ctfactory phantom --n 16 --size 64 --seed 0 --out $(DEMO_OUT)/phantom --preview --overwrite
 	$(BIN)/ctfactory plan cohorts/demo.yaml --out $(DEMO_OUT)/demo-plan.parquet --plot $(DEMO_OUT)/demo-plan.png
 	$(BIN)/ctfactory generate cohorts/demo.yaml --out $(DEMO_OUT)/cohort
 	$(BIN)/ctfactory verify $(DEMO_OUT)/cohort
-	@echo "demo: the cohort (Zarr + Parquet manifest) is in $(DEMO_OUT)/cohort, its report and QC"
-	@echo "      montage in $(DEMO_OUT)/cohort/report (docs/factory.md); its plan in"
-	@echo "      $(DEMO_OUT)/demo-plan.png (docs/cohort-spec.md); phantoms in $(DEMO_OUT)/phantom"
+	$(BIN)/ctfactory eval $(DEMO_OUT)/cohort --reference $(DEMO_OUT)/phantom --split train
+	$(BIN)/ctfactory report $(DEMO_OUT)/cohort
+	@echo "demo: the cohort (Zarr + Parquet manifest) is in $(DEMO_OUT)/cohort; its QC report,"
+	@echo "      $(DEMO_OUT)/cohort/report/report.html, holds the metrics against the phantoms in"
+	@echo "      $(DEMO_OUT)/phantom (docs/evaluation.md); its plan in $(DEMO_OUT)/demo-plan.png"
 
 # builtin:demo from scratch on CPU (about 90 minutes on 2 cores; docs/training.md): phantom data,
 # then the VAE, the 3D CLIP and latent diffusion, each exported; the last step measures the
