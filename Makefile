@@ -62,7 +62,16 @@ demo-classifier: $(STAMP)
 	$(BIN)/ctfactory train classifier --config train/configs/demo-classifier.yaml --plot
 	rm -rf factory/models/builtin/demo-classifier
 	$(BIN)/ctfactory export-model $(DEMO_BUILD)/demo-runs/demo-classifier \
-	  --out factory/models/builtin/demo-classifier --name demo-classifier
+	  --out factory/models/builtin/demo-classifier --name demo-classifier \
+	  --description "A phantom-trained demonstration finding classifier: the tiny config's 3D \
+	residual CNN, one logit per CT-RATE finding, trained on CPU by make demo-classifier on the \
+	phantoms builtin:demo learned from. It scores cohorts for ctfactory eval and checks volumes \
+	for a cohort spec's verify block. The metrics are AUCs on held-out phantoms." \
+	  --limitations "Trained and scored on procedural phantoms only, at 64^3 voxels of about \
+	6 mm: findings the phantom draws large (pleural and pericardial effusion, cardiomegaly, \
+	atelectasis) are recognised well, small ones (nodules, calcifications, airway walls) near \
+	chance. Its AUCs bound what any factual-correctness number it produces can mean. Not a \
+	model of real CT; never for clinical use."
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,3 +30,30 @@ def test_builtin_demo_generates_a_volume_on_its_grid():
     assert volume.hu.shape == (64, 64, 64) and volume.hu.dtype == np.int16
     assert set(volume.masks) == {"lungs", "airway", "vessels", "heart"}
     assert volume.model_hash == load_checkpoint("builtin:demo").hash
+
+
+def test_builtin_demo_classifier_is_honest_and_tells_effusion_and_cardiomegaly_apart():
+    from factory import vocab
+    from factory.evaluate.classifier import load_classifier
+    from factory.phantom.grid import Grid
+    from factory.phantom.render import render_phantom
+
+    checkpoint = load_checkpoint("builtin:demo-classifier")
+    card = checkpoint.card
+    assert "phantom" in card.description and "clinical" in card.limitations
+    assert card.metrics["eval/auc/Pleural effusion"] > 0.9  # as measured on held-out phantoms
+    classifier = load_classifier("builtin:demo-classifier")
+    assert classifier.findings == vocab.COLUMNS
+    # New phantoms (seeds it never saw) on the demo grid, each subject with and without.
+    grid = Grid(tuple(checkpoint.config.size), tuple(checkpoint.config.spacing_mm))
+    for fid, attrs in (("pleural_effusion", {"severity": "large"}), ("cardiomegaly", {})):
+        column = classifier.columns([vocab.BY_ID[fid].column])[0]
+        with_, without = [], []
+        for i in range(3):
+            seed = np.random.SeedSequence([777, i])
+            full = vocab.complete_attributes(fid, attrs, np.random.default_rng(i))
+            with_.append(render_phantom(grid, {fid: full}, "MF"[i % 2], 60, seed).image)
+            without.append(render_phantom(grid, {}, "MF"[i % 2], 60, seed).image)
+        p_with = classifier.probabilities(np.stack(with_))[:, column]
+        p_without = classifier.probabilities(np.stack(without))[:, column]
+        assert p_with.min() > p_without.max(), (fid, p_with, p_without)

@@ -75,6 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("run", help="run directory or URL ({storage}/{name})")
     e.add_argument("--out", required=True, help="model directory to write")
     e.add_argument("--name", help="model name for the card (default: the run name)")
+    e.add_argument("--description", help="what the model is, for its card")
+    e.add_argument("--limitations", default="", help="what it cannot do, for its card")
     e.set_defaults(func=run_export)
 
 
@@ -131,7 +133,13 @@ def run_export(args: argparse.Namespace) -> int:
     from train.export import ExportError, export_model
 
     try:
-        digest = export_model(args.run, args.out, args.name)
+        digest = export_model(
+            args.run,
+            args.out,
+            args.name,
+            description=args.description,
+            limitations=args.limitations,
+        )
     except (ExportError, CheckpointError) as exc:
         raise UsageError(str(exc)) from None
     print(f"model: {args.out} (content hash {digest[:16]})")

@@ -69,9 +69,15 @@ def training_labels(cfg: TrainConfig, scratch: Path) -> Path | None:
 
 
 def export_model(
-    run: str, out: str | Path, name: str | None = None, storage_options: dict | None = None
+    run: str,
+    out: str | Path,
+    name: str | None = None,
+    storage_options: dict | None = None,
+    description: str | None = None,
+    limitations: str = "",
 ) -> str:
-    """Write the run's model to ``out``; returns the checkpoint's content hash."""
+    """Write the run's model to ``out``; returns the checkpoint's content hash. ``description``
+    and ``limitations`` replace the card's generic text (what the model is, honestly)."""
     state = latest_checkpoint(run, storage_options)
     meta = state["meta"]
     cfg = TrainConfig.model_validate(meta["config"])
@@ -105,9 +111,17 @@ def export_model(
     rows = meta["extra"].get("latents", {})
     card = ModelCard(
         name=name or f"{cfg.run_name}",
-        description=f"ct-factory {cfg.task} model ({cfg.model} config), trained by `ctfactory "
-        f"train {cfg.task}`.",
-        training_data=f"{cfg.data.root}, split(s) {', '.join(cfg.data.split)} (CT-RATE layout)",
+        description=description
+        or f"ct-factory {cfg.task} model ({cfg.model} config), trained by `ctfactory train "
+        f"{cfg.task}`.",
+        training_data=f"{cfg.data.root}, split(s) {', '.join(cfg.data.split)} (CT-RATE layout)"
+        + (
+            f"; evaluated (eval/* metrics) on held-out split(s) {', '.join(cfg.data.held_out)}, "
+            f"at most {cfg.data.held_out_limit} volumes each"
+            if cfg.data.held_out
+            else ""
+        ),
+        limitations=limitations,
         steps=int(meta["step"]),
         metrics=final_metrics(history),
         extra={
