@@ -190,3 +190,13 @@ def test_prevalence_table_follows_spec_plan_and_manifest(setup):
         table.loc["Emphysema", "requested"]
     )
     assert "verified" not in table  # this cohort has no verify block
+
+
+def test_a_folder_that_is_not_a_cohort_is_refused(setup, tmp_path, capsys):
+    for command in (
+        ["eval", str(tmp_path), "--reference", str(setup["data"])],
+        ["report", str(tmp_path)],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "no cohort here" in err and err.count("\n") == 1, err
