@@ -304,12 +304,9 @@ class VolumeWriter:
             if not again:
                 break
             fresh = generate(again, attempt)
-            for i, check in zip(
-                again,
-                self.verifier.check([v.hu for v in fresh], [rows[i] for i in again]),
-                strict=True,
-            ):
-                volumes[i], checks[i], attempts[i] = fresh[again.index(i)], check, attempt
+            rechecked = self.verifier.check([v.hu for v in fresh], [rows[i] for i in again])
+            for i, volume, check in zip(again, fresh, rechecked, strict=True):
+                volumes[i], checks[i], attempts[i] = volume, check, attempt
         verdicts = [
             {
                 "attempts": attempts[i],

@@ -1,10 +1,11 @@
 """``ctfactory eval``: a generated cohort against a real (CT-RATE-layout) reference, both measured
 the same way, volume by volume.
 
-Each set is streamed once through the finding classifier (probabilities, pooled features for 3D
+Each set is streamed through the finding classifier (probabilities, pooled features for 3D
 FID, slab features for 2.5D FID) and the physical measurements. Zones for the measurements come
-from the reference's anatomy masks; the cardiothoracic ratio uses each volume's own masks
-(generated anatomy channels, or the dataset's masks). Only features and numbers are kept, never
+from the reference's anatomy masks (a first pass over the reference builds them); the
+cardiothoracic ratio uses each volume's own masks (generated anatomy channels, or the
+dataset's masks). Only features and numbers are kept, never
 volumes, so a cohort of any size streams through in bounded memory.
 """
 

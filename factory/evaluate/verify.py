@@ -24,7 +24,7 @@ def attempt_seed(seed: int, attempt: int) -> int:
     """The generation seed of ``attempt`` (1 = the planned seed, then derived ones)."""
     if attempt <= 1:
         return int(seed)
-    return int(derive_seeds(int(seed) ^ VERIFY_SALT, np.array([attempt]))[0] >> np.uint64(1))
+    return int(derive_seeds(int(seed), np.array([attempt]), salt=VERIFY_SALT)[0] >> np.uint64(1))
 
 
 @dataclass
