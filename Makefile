@@ -28,7 +28,7 @@ demo: $(STAMP)
 	@echo "      $(DEMO_OUT)/cohort/report/report.html, holds the metrics against the phantoms in"
 	@echo "      $(DEMO_OUT)/phantom (docs/evaluation.md); its plan in $(DEMO_OUT)/demo-plan.png"
 
-# builtin:demo from scratch on CPU (about 90 minutes on 2 cores; docs/training.md): phantom data,
+# builtin:demo from scratch on CPU (about 100 minutes on 2 cores with the classifier; docs/training.md): phantom data,
 # then the VAE, the 3D CLIP and latent diffusion, each exported; the last step measures the
 # model, draws its prompt-pair pictures and writes it to factory/models/builtin/demo.
 DEMO_BUILD ?= build
@@ -51,7 +51,7 @@ demo-model: $(STAMP)
 	$(MAKE) demo-classifier
 
 # builtin:demo-classifier, the finding classifier of `ctfactory eval` and of cohort verification,
-# on the same phantom data (about 15 minutes on 2 cores); held-out phantoms with each large
+# on the same phantom data (about 8 minutes on 2 cores); held-out phantoms with each large
 # finding give its per-finding AUC, recorded in its model card.
 demo-classifier: $(STAMP)
 	test -d $(DEMO_BUILD)/demo-data/train || { echo "run make demo-model first (its data)"; exit 2; }
