@@ -129,24 +129,14 @@ def test_failing_volumes_are_resampled_and_every_attempt_recorded(model, tmp_pat
 
 def test_verification_settings_are_checked_before_generating(model, tmp_path):
     tiny = load_config("tiny")
-    save_checkpoint(
-        tmp_path / "c64",
-        tiny,
-        {"classifier": FindingClassifier(tiny).state_dict()},
-        ModelCard("c64"),
-    )
+    _save(tmp_path / "c64", tiny, FindingClassifier(tiny))
     with pytest.raises(SpecError, match=r"verify\.classifier.*reads \[64, 64, 64\]"):
         prepare_run(str(_spec(tmp_path, model, tmp_path / "c64")))
     small = load_config(SMALL_MODEL)
     only = small.model_copy(
         update={"classifier": small.classifier.model_copy(update={"findings": ("Emphysema",)})}
     )
-    save_checkpoint(
-        tmp_path / "emph",
-        only,
-        {"classifier": FindingClassifier(only).state_dict()},
-        ModelCard("e"),
-    )
+    _save(tmp_path / "emph", only, FindingClassifier(only))
     with pytest.raises(SpecError, match=r"verify\.findings.*no output for Pleural effusion"):
         prepare_run(str(_spec(tmp_path, model, tmp_path / "emph")))
     with pytest.raises(SpecError, match=r"verify\.classifier.*has no classifier network"):
