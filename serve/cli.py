@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +14,7 @@ from factory.cli import HelpFormatter, UsageError
 from serve.config import ServeConfigError, parse_serve_config, read_app_args
 
 DEFAULT_CONFIG = Path(__file__).parent / "config.yaml"
+STOP_TIMEOUT_S = 60.0  # Ctrl-C waits this long at most for Serve to shut down
 
 EXAMPLES = """\
 examples:
@@ -81,13 +86,41 @@ def run(args: argparse.Namespace) -> int:
     from serve.app import build_app
 
     init_ray(1)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(app_args), name="ct-factory", route_prefix="/")
-    url = f"http://{args.host}:{args.port}/"
-    print(f"ct-factory is serving on {url} (API docs at {url}docs); Ctrl-C stops it", flush=True)
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(app_args), name="ct-factory", route_prefix="/")
+        url = f"http://{args.host}:{args.port}/"
+        print(
+            f"ct-factory is serving on {url} (API docs at {url}docs); Ctrl-C stops it", flush=True
+        )
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also while still deploying
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping takes a while: once is enough
+        stop_serving()
+        print("ctfactory serve: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # exit code of ^C, whatever Ray's exit handlers would still wait for
+
+
+def stop_serving(timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Shut Serve and this driver's Ray connection down, waiting at most ``timeout_s``: on a
+    loaded shared cluster Serve's shutdown once outlasted two minutes, and Ctrl-C must end the
+    command all the same."""
+    import ray
+    from ray import serve
+
+    def stop() -> None:
         serve.shutdown()
-        raise
+        ray.shutdown()
+
+    worker = threading.Thread(target=stop, name="stop-serving", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        print(
+            f"ctfactory serve: Serve did not stop within {timeout_s:.0f} s; exiting anyway "
+            "(run `serve shutdown` against the cluster to remove its applications)",
+            file=sys.stderr,
+            flush=True,
+        )
