@@ -50,7 +50,16 @@ def test_ctfactory_serve_returns_a_valid_nifti_of_builtin_demo(cluster, tmp_path
         str(tmp_path / "serve.yaml"),
     ]
     output = open(os.devnull, "w")  # noqa: SIM115 (closed with the process below)
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=output)
+    # A shell's background job (`make test &`, nohup) starts with SIGINT ignored and its
+    # children inherit that; Ctrl-C is what this test sends, so the server gets the default.
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=output,
+        stderr=output,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
