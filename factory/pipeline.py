@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.store.cohort import MANIFEST_SCHEMA, CohortStore, now
-from factory.store.fs import StoreError, retrying
+from factory.store.fs import StoreError, ref_options, retrying
 from factory.store.layout import FORMAT, intensity_stats, write_volume
 
 # What an actor returns per volume: its manifest row, "written", "skipped" (committed before)
@@ -169,7 +169,7 @@ def prepare_run(
     spec_text = Path(spec_path).read_text()
     url = out or spec.output
     storage_options = dict(storage_options or {})
-    options = _model_options(spec.model, storage_options)
+    options = ref_options(spec.model, storage_options)
     checkpoint = load_checkpoint(spec.model, storage_options=options)
     sampler = spec.sampler
     check_settings(sampler.steps, sampler.guidance, checkpoint.config.diffusion, sampler.scheduler)
@@ -177,7 +177,7 @@ def prepare_run(
     classifier = None
     if spec.verify is not None:
         ref = spec.verify.classifier
-        classifier = load_checkpoint(ref, storage_options=_model_options(ref, storage_options))
+        classifier = load_checkpoint(ref, storage_options=ref_options(ref, storage_options))
     settings = run_settings(spec, plan, checkpoint, classifier)
     store = CohortStore(url, storage_options)
     state = store.prepare(settings, spec_text, plan, overwrite)
@@ -191,16 +191,11 @@ def prepare_run(
     return Run(url, storage_options, settings, plan, table, state, recovered, len(done))
 
 
-def _model_options(ref: str, storage_options: dict) -> dict | None:
-    """Object-store models use the output's storage options (same endpoint and credentials)."""
-    return storage_options or None if "://" in ref and not ref.startswith("file://") else None
-
-
 def load_generator(ref: str, storage_options: dict | None = None):
     """The default model loader of :class:`VolumeWriter` (GPU when the actor has one)."""
     from factory.models.generator import Generator
 
-    return Generator.load(ref, **(_model_options(ref, storage_options or {}) or {}))
+    return Generator.load(ref, **(ref_options(ref, storage_options or {}) or {}))
 
 
 class VolumeWriter:
@@ -243,7 +238,7 @@ class VolumeWriter:
                 v["findings"],
                 v["threshold"],
                 getattr(self.generator, "device", None),
-                _model_options(v["classifier"], storage_options),
+                ref_options(v["classifier"], storage_options),
             )
             if self.verifier.hash != v["classifier_hash"]:
                 raise RuntimeError(

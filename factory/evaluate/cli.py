@@ -89,7 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from factory.evaluate.measure import zones_from
     from factory.models.checkpoint import CheckpointError, load_checkpoint
-    from factory.store.fs import StoreError, open_fs
+    from factory.store.fs import StoreError, open_fs, ref_options
     from factory.store.reader import open_cohort
 
     if args.limit < 2:
@@ -114,7 +114,8 @@ def run_eval(args: argparse.Namespace) -> int:
         clip_ref = cohort.settings().get("model") if args.clip == "model" else args.clip
         clip = None
         if clip_ref and clip_ref != "none":
-            clip_checkpoint = load_checkpoint(clip_ref, storage_options=_options(clip_ref, options))
+            clip_options = ref_options(clip_ref, options)
+            clip_checkpoint = load_checkpoint(clip_ref, storage_options=clip_options)
             if "clip" in clip_checkpoint.weights:
                 clip = ClipModel.load(clip_checkpoint)
             elif args.clip != "model":
@@ -145,11 +146,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(summary(result))
     print(f"eval: {out}")
     return 0
-
-
-def _options(ref: str, options: dict) -> dict | None:
-    """Object-store checkpoints use the cohort's storage options (endpoint, credentials)."""
-    return options or None if "://" in ref and not ref.startswith("file://") else None
 
 
 def finite(value):

@@ -42,6 +42,12 @@ def local_path(url: str) -> str:
     return os.path.abspath(url.removeprefix("file://"))
 
 
+def ref_options(ref: str, storage_options: dict | None) -> dict | None:
+    """Storage options for a checkpoint reference: an object-store one uses the output's (same
+    endpoint and credentials); a path or builtin name needs none."""
+    return storage_options or None if not is_local(ref) else None
+
+
 def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and root path of ``url`` (local paths made absolute)."""
     if is_local(url):
