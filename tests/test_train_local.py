@@ -85,6 +85,8 @@ def test_workers_and_overrides():
         ({"model": "nonexistent-preset"}, "model"),
         ({"precision": "fp8"}, "precision"),
         ({"data": {"root": "data", "excerpts": 1.5}}, "data.excerpts"),
+        ({"vae": {"adversarial": {"window": [-700, -1000]}}}, "vae.adversarial.window"),
+        ({"vae": {"adversarial": {"weight": 0}}}, "vae.adversarial.weight"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, change, field):
@@ -251,6 +253,62 @@ def test_vae_loss_goes_down_and_resume_is_exact(dataset, tmp_path):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+
+
+ADVERSARIAL = {"weight": 0.1, "start": 4, "window": [-1000, -700], "channels": 8, "layers": 2}
+
+
+def test_vae_critic_losses_train_each_network_on_its_own_objective(dataset, tmp_path):
+    data = config("vae", dataset, tmp_path, steps=2)
+    data["vae"] = {"adversarial": ADVERSARIAL}
+    task = vae.VAETask(parse_train_config(data), torch.device("cpu"))
+    step = task.model()
+    x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    vae_cfg = task.model_cfg.vae
+    eps = torch.randn(2, vae_cfg.latent_channels, *[16 // vae_cfg.factor] * 3)
+    critic, fooled = step(x, eps)[3]
+
+    def grads(loss):
+        step.zero_grad()
+        loss.backward(retain_graph=True)
+        norm = {}
+        for part in (step.vae, step.critic):
+            g = [p.grad.abs().sum() for p in part.parameters() if p.grad is not None]
+            norm[part] = float(sum(g)) if g else 0.0
+        return norm
+
+    fooled_grads, critic_grads = grads(fooled), grads(critic)
+    assert fooled_grads[step.vae] > 0 and fooled_grads[step.critic] == 0
+    assert critic_grads[step.critic] > 0 and critic_grads[step.vae] == 0
+    # The critic sees its window: -1000..-700 HU spans its whole range, denser is clipped.
+    lo, hi = task.model_cfg.hu_window
+    hu = torch.tensor([-1000.0, -850.0, -700.0, 0.0])
+    view = step.critic.view((hu - lo) / (hi - lo) * 2 - 1)
+    assert torch.allclose(view, torch.tensor([-1.0, 0.0, 1.0, 1.0]), atol=1e-5)
+
+
+def test_adversarial_vae_resumes_exactly_and_exports_the_vae_alone(dataset, tmp_path):
+    rows = index_rows(dataset, "train", masks=False)[:4]
+    base = config("vae", dataset, tmp_path, steps=8, checkpoint_every=4, batch_size=4)
+    base["vae"] = {"crop": [16, 16, 16], "adversarial": ADVERSARIAL}
+    cfg = parse_train_config(base)
+    _run(vae, cfg, _session(cfg, rows, tmp_path / "whole"), len(rows))
+    with pytest.raises(Stop):
+        _run(vae, cfg, StoppingSession(cfg, rows, tmp_path / "split", at=4), len(rows))
+    _run(vae, cfg, _session(cfg, rows, tmp_path / "split"), len(rows))
+    a, b = _final_state(tmp_path / "whole"), _final_state(tmp_path / "split")
+    critic = [k for k in a["model"] if k.startswith(vae.CRITIC)]
+    assert critic and b["meta"]["step"] == 8
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    exported = vae.export_weights(a["model"])["vae"]
+    assert exported and not any(k.startswith(vae.CRITIC) for k in exported)
+    vae.build_vae(cfg.architecture().vae).load_state_dict(exported)  # strict: the VAE alone
+
+    # A run without the critic cannot continue one with it (nor the reverse).
+    plain = parse_train_config({**base, "vae": {"crop": [16, 16, 16]}, "steps": 12})
+    with pytest.raises(ValueError, match="vae_adversarial"):
+        _run(vae, plain, _session(plain, rows, tmp_path / "whole"), len(rows))
 
 
 def test_resume_refuses_another_task(dataset, tmp_path):

@@ -72,8 +72,16 @@ def test_training_rows_are_shuffled_across_splits_once_and_seeded(cluster, datas
 
 def test_every_task_on_two_workers_then_export_and_generate(cluster, dataset, tmp_path):
     runs = tmp_path / "runs"
+    # The VAE trains against its patch discriminator, under DDP; the export holds the VAE alone.
+    adversarial = {"channels": 8, "layers": 2, "start": 2}
     vae_cfg = parse_train_config(
-        config("vae", dataset, runs, workers="2", vae={"crop": [16, 16, 16]})
+        config(
+            "vae",
+            dataset,
+            runs,
+            workers="2",
+            vae={"crop": [16, 16, 16], "adversarial": adversarial},
+        )
     )
     assert launch(vae_cfg).error is None
     history = _history(vae_cfg)

@@ -49,7 +49,7 @@ class ClassifierTask:
     def model(self) -> nn.Module:
         return FindingClassifier(self.model_cfg)
 
-    def loss(self, model: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict, gen: torch.Generator, step: int) -> torch.Tensor:
         x = torch.as_tensor(batch["image"])
         if self.cfg.classifier.flip:
             x = random_flip(x, gen)

@@ -60,7 +60,7 @@ class CLIPTask:
             text = text.frozen()
         return CLIPStep(CLIP3D.from_config(self.model_cfg, text, self.cfg.clip.train_text))
 
-    def loss(self, model: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict, gen: torch.Generator, step: int) -> torch.Tensor:
         texts = choose_texts(batch, self.cfg.data.text, gen, self.cfg.data.excerpts)
         return model(torch.as_tensor(batch["image"]).to(self.device), texts)
 

@@ -68,11 +68,35 @@ class OptimOptions(Strict):
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 turns clipping off
 
 
+class AdversarialOptions(Strict):
+    """A patch discriminator for the VAE (as MAISI trains its VAE): L1 alone decodes the median,
+    which erases texture finer than a latent voxel (emphysema's low-attenuation speckle)."""
+
+    weight: float = Field(0.1, gt=0)  # of the decoder's least-squares adversarial loss
+    # Steps of reconstruction-only training before the decoder feels the discriminator (which
+    # trains from the start, so that it is a useful critic when it joins).
+    start: int = Field(0, ge=0)
+    # The HU window the discriminator sees (None: the model's whole window). A narrow lung
+    # window puts its attention on the texture of the parenchyma.
+    window: tuple[float, float] | None = None
+    channels: int = Field(32, ge=4)
+    layers: int = Field(3, ge=1, le=5)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] >= value[1]:
+            raise ValueError(f"window {list(value)}: the low end must be below the high end")
+        return value
+
+
 class VAEOptions(Strict):
-    """VAE task: L1 reconstruction + KL, on random crops (the network is fully convolutional)."""
+    """VAE task: L1 reconstruction + KL (+ optional adversarial loss), on random crops (the
+    network is fully convolutional)."""
 
     crop: tuple[int, int, int] | None = None  # None: whole volumes
     kl_weight: float = Field(1e-6, ge=0)
+    adversarial: AdversarialOptions | None = None
 
 
 class CLIPOptions(Strict):
@@ -186,7 +210,7 @@ class TrainConfig(Strict):
             "data": {"root": self.data.root, "split": list(self.data.split)},
             "diffusion": self.diffusion.model_dump(mode="json") if self.task == "diffusion" else {},
             "train_text": self.clip.train_text if self.task == "clip" else False,
-        }
+        } | ({"vae_adversarial": True} if self.task == "vae" and self.vae.adversarial else {})
 
 
 def _local(ref: str) -> str:

@@ -89,7 +89,7 @@ class DiffusionTask:
         z[:, : self.model_cfg.vae.latent_channels] *= self.scale_factor
         return z
 
-    def loss(self, model: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict, gen: torch.Generator, step: int) -> torch.Tensor:
         x_t, t, target = self.targets(self.latents(batch), gen)
         texts = choose_texts(batch, self.cfg.data.text, gen, self.cfg.data.excerpts)
         drop = self.unet.drop_mask(len(texts), gen)

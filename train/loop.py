@@ -60,13 +60,16 @@ class Session(Protocol):
 
 
 class Task(Protocol):
-    """One of vae, clip, diffusion: its model, loss on a micro-batch, evaluation and weights."""
+    """One of vae, clip, diffusion, classifier: its model, the loss of a micro-batch at
+    optimiser step ``step`` (for losses that change during training), evaluation and weights."""
 
     name: str
 
     def model(self) -> nn.Module: ...
 
-    def loss(self, model: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor: ...
+    def loss(
+        self, model: nn.Module, batch: dict, gen: torch.Generator, step: int
+    ) -> torch.Tensor: ...
 
     def evaluate(self, module: nn.Module) -> dict[str, float]: ...
 
@@ -199,7 +202,7 @@ def check_resumable(meta: dict, cfg: TrainConfig, where: str) -> None:
             "choose another --name or --storage"
         )
     theirs, ours = meta.get("fingerprint", {}), cfg.fingerprint()
-    differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+    differ = sorted(k for k in ours.keys() | theirs.keys() if theirs.get(k) != ours.get(k))
     if differ:
         raise ResumeError(
             f"{where}: was trained with a different {', '.join(differ)}; a run resumes only "
@@ -318,7 +321,7 @@ def fit(task: Task, cfg: TrainConfig, session: Session, rows: int, extra: dict) 
             sync = k == accum - 1
             ctx = contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else None
             with ctx or model.no_sync(), autocast():
-                loss = task.loss(model, batch, gen)
+                loss = task.loss(model, batch, gen, pos.step)
             scaler.scale(loss / accum).backward()
             losses.append(float(loss.detach()))
             if not sync:
