@@ -15,7 +15,7 @@ from monai.networks.nets import PatchDiscriminator
 from torch import nn
 from torch.func import functional_call
 
-from factory.models.intensity import hu_to_unit
+from factory.models.intensity import rewindow
 from factory.models.vae import build_vae
 from train.config import AdversarialOptions, TrainConfig
 from train.data import index_rows, load_row
@@ -52,8 +52,7 @@ class Critic(nn.Module):
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """Model-range volumes ([-1, 1] over ``hu_window``) -> [-1, 1] over the critic's window."""
-        lo, hi = self.hu_window
-        return hu_to_unit((x + 1.0) / 2.0 * (hi - lo) + lo, self.window)
+        return rewindow(x, self.hu_window, self.window)
 
     def losses(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         real, fake = self.view(real), self.view(fake)

@@ -19,6 +19,15 @@ def hu_to_unit(hu: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
     return (hu.clamp(lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
 
 
+def rewindow(
+    x: torch.Tensor, window: tuple[float, float], other: tuple[float, float]
+) -> torch.Tensor:
+    """[-1, 1] over ``window`` -> [-1, 1] over ``other`` (clipped to it); differentiable, so a
+    loss can look at the model's output through another window (the VAE's critic does)."""
+    lo, hi = window
+    return hu_to_unit((x + 1.0) / 2.0 * (hi - lo) + lo, other)
+
+
 def unit_to_hu(x: torch.Tensor, window: tuple[float, float]) -> np.ndarray:
     """[-1, 1] -> int16 HU within ``window`` (the exact inverse of :func:`hu_to_unit`)."""
     lo, hi = window
