@@ -92,6 +92,8 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
         "X-Spacing-Mm": ",".join(f"{s:g}" for s in volume.spacing),
         "Content-Disposition": f'attachment; filename="{vid}{SUFFIXES[job.output]}"',
     }
+    if "negative_prompt" in volume.sampler:  # what guidance steered away from
+        headers["X-Negative-Prompt"] = quote(volume.sampler["negative_prompt"], safe=" ,.:;()-'/")
     return Result(body=body, media_type=MEDIA_TYPES[job.output], headers=headers)
 
 

@@ -61,6 +61,13 @@ class PreviewRequest(BaseModel):
         description="finding ids or CT-RATE names, optionally with attributes "
         "(e.g. {'pleural_effusion': {'laterality': 'left'}}); [] asks for a normal scan",
     )
+    negative_prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100_000,
+        description="what guidance steers away from; a prompt's own negations "
+        "('no pleural effusion') are added to it",
+    )
     age: int | None = Field(None, ge=18, le=100, description="with `findings`")
     sex: Literal["M", "F"] | None = Field(None, description="with `findings`")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent")
@@ -96,6 +103,15 @@ def published_models(cfg: ServeConfig) -> tuple[type[PreviewRequest], type[Volum
     ids = Literal[tuple(cfg.models)]  # type: ignore[valid-type]
     fields = {
         "prompt": (str | None, Field(None, min_length=1, max_length=limits.max_prompt_chars)),
+        "negative_prompt": (
+            str | None,
+            Field(
+                None,
+                min_length=1,
+                max_length=limits.max_prompt_chars,
+                description="what guidance steers away from",
+            ),
+        ),
         "steps": (int | None, Field(None, ge=1, le=limits.max_steps, description="sampler steps")),
         "guidance": (float | None, Field(None, ge=0, le=limits.max_guidance)),
         "model": (ids | None, Field(None, description="a model id from /v1/models")),
@@ -163,7 +179,8 @@ def decode_mask(name: str, text: str, max_voxels: int) -> np.ndarray:
 
 def volume_id(model_hash: str, request: Request) -> str:
     """Content address of a generation: the same model, prompt, seed and settings, same id."""
-    parts = (model_hash, request.prompt, request.seed, request.steps, request.guidance)
+    parts = (model_hash, request.prompt, request.negative_prompt, request.seed, request.steps)
+    parts += (request.guidance,)
     given = request.masks or {}
     masks = {k: hashlib.sha256(np.packbits(v)).hexdigest() for k, v in given.items()}
     key = "\x00".join(str(v) for v in (*parts, request.scheduler, sorted(masks.items())))
@@ -189,11 +206,13 @@ def resolve(body: PreviewRequest, cfg: ServeConfig, output: str) -> tuple[str, R
         prompt = findings_prompt(body.findings, body.age, body.sex, seed)
     else:
         prompt = body.prompt or ""
-    if len(prompt) > limits.max_prompt_chars:
-        n = limits.max_prompt_chars
-        raise FieldError("prompt", f"{len(prompt)} characters; this server takes at most {n}")
+    negative = body.negative_prompt or ""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        if len(text) > limits.max_prompt_chars:
+            n = limits.max_prompt_chars
+            raise FieldError(name, f"{len(text)} characters; this server takes at most {n}")
     masks = None
     if body.masks:
         masks = {k: decode_mask(k, v, limits.max_voxels) for k, v in body.masks.items()}
-    request = Request(prompt, seed, steps, guidance, body.scheduler, masks)
+    request = Request(prompt, seed, steps, guidance, body.scheduler, masks, negative)
     return model, request

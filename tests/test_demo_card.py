@@ -86,6 +86,8 @@ def test_run_writes_a_verified_checkpoint_with_pictures(run):
     assert (out / "labels.csv").is_file()
     assert "images/pair-pleural_effusion.png" in checkpoint.card.extra["images"]
     assert checkpoint.card.extra["demo_card"]["seeds"] == [0]
+    assert checkpoint.card.extra["demo_card"]["negations"] == "guide"  # SMALL's default
+    assert "`text.negations: guide`" in checkpoint.card.description
     assert checkpoint.card.extra["wall_s"] == 60.0  # the source card's extra is kept
 
 

@@ -96,3 +96,47 @@ def test_checkpoint_round_trip_gives_identical_volumes(generator, batch, tmp_pat
     assert loaded.model_hash == digest
     again = loaded.generate([requests()[0]])[0]
     assert np.array_equal(again.hu, batch[0].hu) and again.model_hash == digest
+
+
+@pytest.fixture(scope="module")
+def steered() -> Generator:
+    """A random generator whose text path matters: MONAI zero-initialises the attention output
+    projections, so an untrained UNet ignores its context; give them weights."""
+    torch.manual_seed(1)
+    g = Generator.from_config(TINY, model_hash="test", device="cpu")
+    with torch.no_grad():
+        for p in g.unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.5)
+    return g
+
+
+def test_negations_become_the_negative_prompt(steered):
+    """Under ``text.negations: guide`` "no X" conditions on the rest and steers away from X:
+    the same volume as the affirmed prompt with X as an explicit negative prompt."""
+    said = Request("Mild cardiomegaly. No pleural effusion.", seed=5, steps=2)
+    explicit = Request("Mild cardiomegaly.", seed=5, steps=2, negative_prompt="pleural effusion.")
+    plain = Request("Mild cardiomegaly.", seed=5, steps=2)
+    a, b, c = steered.generate([said, explicit, plain], batch_size=2)
+    assert np.array_equal(a.hu, b.hu)
+    assert not np.array_equal(a.hu, c.hu)
+    assert a.sampler["negative_prompt"] == "pleural effusion."
+    assert "negative_prompt" not in c.sampler
+    # Without guidance there is nothing to steer: the negative prompt changes nothing.
+    unguided = [
+        Request(r.prompt, 5, 2, 1.0, negative_prompt=r.negative_prompt) for r in (said, plain)
+    ]
+    a1, c1 = steered.generate(unguided, batch_size=1)
+    assert np.array_equal(a1.hu, c1.hu)
+
+
+def test_keep_conditions_on_the_prompt_as_written(steered):
+    config = TINY.model_copy(update={"text": TINY.text.model_copy(update={"negations": "keep"})})
+    keep = Generator(config, steered.codec, steered.text, steered.unet, "test", "cpu")
+    request = Request("no pleural effusion", seed=5, steps=2)
+    assert keep.conditioning(request).affirmed == "no pleural effusion"
+    assert steered.conditioning(request).affirmed == ""
+    (kept,) = keep.generate([request])
+    (guided,) = steered.generate([request])
+    assert "negative_prompt" not in kept.sampler
+    assert not np.array_equal(kept.hu, guided.hu)

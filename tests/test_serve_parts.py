@@ -107,6 +107,21 @@ def test_resolve_applies_limits_and_defaults():
         PreviewRequest(prompt="x", findings=["emphysema"])
 
 
+def test_negative_prompt_reaches_the_request_and_its_address():
+    cfg = parse_serve_config({})
+    body = {"prompt": "Cardiomegaly.", "seed": 3}
+    _, plain = resolve(PreviewRequest(**body), cfg, "png")
+    _, steered = resolve(PreviewRequest(**body, negative_prompt="pleural effusion"), cfg, "png")
+    assert plain.negative_prompt == "" and steered.negative_prompt == "pleural effusion"
+    assert volume_id("h", plain) != volume_id("h", steered)
+    assert volume_id("h", steered) == volume_id(
+        "h", resolve(PreviewRequest(**body, negative_prompt="pleural effusion"), cfg, "png")[1]
+    )
+    with pytest.raises(FieldError, match="at most 2000") as info:
+        resolve(PreviewRequest(**body, negative_prompt="x" * 2001), cfg, "png")
+    assert info.value.field == "negative_prompt"
+
+
 def test_masks_decode_or_name_the_field():
     mask = np.zeros((4, 4, 4), np.uint8)
     mask[1:3] = 1

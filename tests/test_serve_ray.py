@@ -154,7 +154,7 @@ def test_nifti_is_valid_and_the_seed_reproduces_it(http, models):
     assert -1024 <= hu.min() < hu.max() <= 3071
     assert headers["X-Seed"] == "11" and headers["X-Model"] == "small"
     assert headers["X-Model-Hash"] == load_checkpoint(models["small"]).hash
-    assert unquote(headers["X-Prompt"]) == body["prompt"]
+    assert unquote(headers["X-Prompt"]) == body["prompt"] and "X-Negative-Prompt" not in headers
     again = http.post("/v1/volumes", body)
     assert again[1]["X-Volume-Id"] == headers["X-Volume-Id"]
     assert np.array_equal(
@@ -162,6 +162,9 @@ def test_nifti_is_valid_and_the_seed_reproduces_it(http, models):
     )
     other = http.post("/v1/volumes", {**body, "seed": 12})
     assert other[1]["X-Volume-Id"] != headers["X-Volume-Id"]
+    negated = {**body, "prompt": "Cardiomegaly, no pleural effusion.", "negative_prompt": "nodule"}
+    status, steered, _ = http.post("/v1/volumes", negated)
+    assert status == 200 and unquote(steered["X-Negative-Prompt"]) == "pleural effusion. nodule"
     unseeded = http.post("/v1/volumes", {"prompt": "Emphysema.", "format": "npy"})
     assert unseeded[0] == 200 and int(unseeded[1]["X-Seed"]) >= 0
     assert np.load(io.BytesIO(unseeded[2])).shape == tuple(config.size)

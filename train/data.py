@@ -103,7 +103,8 @@ def excerpt(report: str, gen: torch.Generator) -> str:
 
     A whole report's pooled embedding is a blur of fifteen sentences, and a short prompt such
     as "no pleural effusion" embeds close to "pleural effusion on the right"; trained on
-    excerpts, the model learns what one sentence (a pertinent negative included) says.
+    excerpts, the model learns what one sentence says (under ``text.negations: guide`` a
+    pertinent negative is then cut away, leaving the unconditional-like empty text).
     """
     sentences = [s for s in SENTENCE_END.split(report.strip()) if s]
     if len(sentences) <= 1:

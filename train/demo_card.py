@@ -339,6 +339,17 @@ def verdict(results: Mapping[str, dict]) -> str:
     return sentence + "."
 
 
+def negation_text(negations: str) -> str:
+    """How the card's "without" prompts were read, for the card's readers."""
+    if negations != "guide":
+        return ""
+    return (
+        ' The "without" prompts are read as the model reads every negation (`text.negations: '
+        'guide`, docs/models.md "Negation"): "no pleural effusion" conditions on what it '
+        "affirms (nothing) and guidance steers away from the negated finding."
+    )
+
+
 def build_card(
     source: ModelCard,
     results: Mapping[str, dict],
@@ -394,7 +405,9 @@ def build_card(
             "emphysema (%LAA-950). The phantom columns are the same measure on real phantoms "
             "rendered with and without the finding "
             f"({_plural(int(settings['reference']), 'subject')}), "
-            "the direction a faithful model should show. " + verdict(results),
+            "the direction a faithful model should show. "
+            + verdict(results)
+            + negation_text(str(settings.get("negations", "keep"))),
             results_table(results),
             f"HU quartiles (25/50/75 %) over all generated volumes: "
             f"{' / '.join(f'{v:.0f}' for v in hu['generated'])}; over the validation phantoms: "
@@ -619,6 +632,7 @@ def run(args: argparse.Namespace) -> int:
         "reference": args.reference,
         "valid_phantoms": len(label_maps),
         "source_model_hash": checkpoint.hash,
+        "negations": config.text.negations,
     }
     spacing = " x ".join(f"{s:g}" for s in grid.spacing)
     config_text = (

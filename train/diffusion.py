@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.models.diffusion import TextConditionedUNet
+from factory.models.negation import conditioning
 from factory.models.samplers import make_scheduler
 from factory.models.text import TextEncoder
 from train.config import TrainConfig
@@ -92,6 +93,8 @@ class DiffusionTask:
     def loss(self, model: nn.Module, batch: dict, gen: torch.Generator, step: int) -> torch.Tensor:
         x_t, t, target = self.targets(self.latents(batch), gen)
         texts = choose_texts(batch, self.cfg.data.text, gen, self.cfg.data.excerpts)
+        negations = self.model_cfg.text.negations
+        texts = [conditioning(t, negations).affirmed for t in texts]
         drop = self.unet.drop_mask(len(texts), gen)
         with torch.no_grad():
             context = self.unet.context(*self.encode(texts))

@@ -64,6 +64,10 @@ class TextConfig(Strict):
     encoder: str = "builtin:minilm"
     max_tokens: int = Field(128, ge=8, le=4096)
     hidden_size: int = Field(384, ge=8)  # width of the token embeddings fed to cross-attention
+    # ``guide``: the diffusion model trains on the affirmed text of each report and generation
+    # turns a prompt's negations ("no pleural effusion") into a negative prompt for guidance
+    # (factory/models/negation.py); ``keep``: text as written, for encoders that read "no".
+    negations: Literal["guide", "keep"] = "guide"
     # ``scratch`` tower only: vocabulary trained on reports and transformer size.
     vocab_size: int = Field(4096, ge=128)
     layers: int = Field(4, ge=1)

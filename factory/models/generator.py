@@ -19,6 +19,7 @@ from factory.models.checkpoint import Checkpoint, ModelCard, load_checkpoint, sa
 from factory.models.config import ModelConfig
 from factory.models.diffusion import TextConditionedUNet
 from factory.models.intensity import latent_to_mask, mask_to_latent, unit_to_hu
+from factory.models.negation import Negations, conditioning
 from factory.models.samplers import check_settings, default_scheduler, guided, sample
 from factory.models.text import TextEncoder
 from factory.models.vae import LatentCodec, build_vae
@@ -31,7 +32,11 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    """One volume to generate. ``masks`` fixes anatomy channels (name -> 0/1 array on the grid)."""
+    """One volume to generate. ``masks`` fixes anatomy channels (name -> 0/1 array on the grid).
+
+    ``negative_prompt`` is what guidance steers away from, as in diffusers' pipelines; with a
+    model's ``text.negations: guide`` the prompt's own negations ("no pleural effusion") join it.
+    """
 
     prompt: str
     seed: int
@@ -39,6 +44,7 @@ class Request:
     guidance: float = 5.0
     scheduler: str | None = None
     masks: Mapping[str, np.ndarray] | None = None
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -173,11 +179,14 @@ class Generator:
             [torch.randn(shape, generator=g, device=self.device) for g in gens]
         )
         known, known_mask = self._known(requests)
+        texts = [self.conditioning(r) for r in requests]
         with self._autocast():
-            tokens, mask = self.text.encode([r.prompt for r in requests], pad_to_max=True)
-            context = self.unet.context(tokens, mask)
-            null = self.unet.null_context(len(requests)).to(context.dtype)
-            denoise = guided(self.unet, context, null, guidance)
+            context = self._context([t.affirmed for t in texts])
+            uncond = self.unet.null_context(len(requests)).to(context.dtype)
+            steer = [b for b, t in enumerate(texts) if t.negated]
+            if steer and guidance != 1.0:
+                uncond[steer] = self._context([texts[b].negated for b in steer])
+            denoise = guided(self.unet, context, uncond, guidance)
             latents = sample(
                 denoise, noise, cfg.diffusion, steps, gens, kind, known, known_mask, known_noise
             )
@@ -198,10 +207,21 @@ class Generator:
                 prompt=r.prompt,
                 seed=int(r.seed),
                 model_hash=self.model_hash,
-                sampler=settings,
+                sampler=settings | ({"negative_prompt": t.negated} if t.negated else {}),
             )
-            for b, r in enumerate(requests)
+            for b, (r, t) in enumerate(zip(requests, texts, strict=True))
         ]
+
+    def conditioning(self, request: Request) -> Negations:
+        """The text a request conditions on and the text its guidance steers away from."""
+        text = conditioning(request.prompt, self.config.text.negations)
+        extra = request.negative_prompt.strip()
+        negated = " ".join(t for t in (text.negated, extra) if t)
+        return Negations(text.affirmed, negated)
+
+    def _context(self, texts: list[str]) -> torch.Tensor:
+        tokens, mask = self.text.encode(texts, pad_to_max=True)
+        return self.unet.context(tokens, mask)
 
     def _known(
         self, requests: Sequence[Request]
