@@ -122,12 +122,15 @@ def test_negations_become_the_negative_prompt(steered):
     assert not np.array_equal(a.hu, c.hu)
     assert a.sampler["negative_prompt"] == "pleural effusion."
     assert "negative_prompt" not in c.sampler
-    # Without guidance there is nothing to steer: the negative prompt changes nothing.
-    unguided = [
-        Request(r.prompt, 5, 2, 1.0, negative_prompt=r.negative_prompt) for r in (said, plain)
-    ]
-    a1, c1 = steered.generate(unguided, batch_size=1)
-    assert np.array_equal(a1.hu, c1.hu)
+    # Negations steer only when guidance extrapolates (w > 1): at w = 1 there is no
+    # unconditional branch, at w = 0 it is all there is and would draw the negated findings.
+    for w in (1.0, 0.0):
+        unguided = [
+            Request(r.prompt, 5, 2, w, negative_prompt=r.negative_prompt) for r in (said, plain)
+        ]
+        a1, c1 = steered.generate(unguided, batch_size=1)
+        assert np.array_equal(a1.hu, c1.hu), w
+        assert "negative_prompt" not in a1.sampler
 
 
 def test_keep_conditions_on_the_prompt_as_written(steered):

@@ -180,11 +180,13 @@ class Generator:
         )
         known, known_mask = self._known(requests)
         texts = [self.conditioning(r) for r in requests]
+        # As in diffusers, a negative prompt takes part only when guidance extrapolates (w > 1):
+        # at w = 0 the unconditional branch is all there is, and it would draw what was negated.
+        steer = [b for b, t in enumerate(texts) if t.negated] if guidance > 1.0 else []
         with self._autocast():
             context = self._context([t.affirmed for t in texts])
             uncond = self.unet.null_context(len(requests)).to(context.dtype)
-            steer = [b for b, t in enumerate(texts) if t.negated]
-            if steer and guidance != 1.0:
+            if steer:
                 uncond[steer] = self._context([texts[b].negated for b in steer])
             denoise = guided(self.unet, context, uncond, guidance)
             latents = sample(
@@ -207,7 +209,7 @@ class Generator:
                 prompt=r.prompt,
                 seed=int(r.seed),
                 model_hash=self.model_hash,
-                sampler=settings | ({"negative_prompt": t.negated} if t.negated else {}),
+                sampler=settings | ({"negative_prompt": t.negated} if b in steer else {}),
             )
             for b, (r, t) in enumerate(zip(requests, texts, strict=True))
         ]
