@@ -313,7 +313,8 @@ def test_web_page_in_headless_chromium(http):
         driver.find_element(By.ID, "apikey").send_keys(KEY)
         prompt = driver.find_element(By.ID, "prompt")
         prompt.clear()
-        prompt.send_keys("Moderate cardiomegaly.")
+        prompt.send_keys("Moderate cardiomegaly, no pleural effusion.")
+        driver.find_element(By.ID, "negative").send_keys("emphysema")
         driver.find_element(By.ID, "seed").send_keys("5")
         driver.find_element(By.ID, "steps").clear()
         driver.find_element(By.ID, "steps").send_keys("2")
@@ -323,7 +324,9 @@ def test_web_page_in_headless_chromium(http):
             lambda d: d.execute_script("return document.getElementById('preview').naturalWidth") > 0
         )
         assert "Done in" in driver.find_element(By.ID, "status").text
-        assert "Moderate cardiomegaly." in driver.find_element(By.ID, "provenance").text
+        provenance = driver.find_element(By.ID, "provenance").text
+        assert "Moderate cardiomegaly, no pleural effusion." in provenance
+        assert "pleural effusion. emphysema" in provenance  # what guidance steered away from
         assert driver.find_element(By.ID, "download").is_enabled()
         # The only error allowed: the model list, asked for before the key was typed (401).
         errors = [

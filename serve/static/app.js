@@ -24,6 +24,7 @@ function body() {
   if ($("seed").value !== "") b.seed = Number($("seed").value);
   if ($("steps").value !== "") b.steps = Number($("steps").value);
   if ($("guidance").value !== "") b.guidance = Number($("guidance").value);
+  if ($("negative").value.trim()) b.negative_prompt = $("negative").value.trim();
   if ($("model").value) b.model = $("model").value;
   return b;
 }
@@ -46,6 +47,7 @@ function showProvenance(response) {
   const rows = [
     ["Seed", response.headers.get("X-Seed")],
     ["Prompt", decodeURIComponent(response.headers.get("X-Prompt") || "")],
+    ["Steered away from", decodeURIComponent(response.headers.get("X-Negative-Prompt") || "nothing")],
     ["Model", `${response.headers.get("X-Model")} (${(response.headers.get("X-Model-Hash") || "").slice(0, 12)})`],
     ["Volume id", response.headers.get("X-Volume-Id")],
     ["Grid", `${response.headers.get("X-Shape")} voxels of ${response.headers.get("X-Spacing-Mm")} mm`],
