@@ -179,11 +179,11 @@ def decode_mask(name: str, text: str, max_voxels: int) -> np.ndarray:
 
 def volume_id(model_hash: str, request: Request) -> str:
     """Content address of a generation: the same model, prompt, seed and settings, same id."""
-    parts = (model_hash, request.prompt, request.negative_prompt, request.seed, request.steps)
-    parts += (request.guidance,)
+    settings = ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler")
+    parts = (model_hash, *(getattr(request, name) for name in settings))
     given = request.masks or {}
     masks = {k: hashlib.sha256(np.packbits(v)).hexdigest() for k, v in given.items()}
-    key = "\x00".join(str(v) for v in (*parts, request.scheduler, sorted(masks.items())))
+    key = "\x00".join(str(v) for v in (*parts, sorted(masks.items())))
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 

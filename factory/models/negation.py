@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 
 BOUNDARY = re.compile(r"[.!?](?=\s|$)|[;:\n]|,?\s+(?:but|however|whereas)\b", re.I)
+COMMA = re.compile(",")
 LEADING = re.compile(
     r"\b(?:there (?:is|are|was|were) no|no|without|negative for|free of|absence of|nor)\b"
     r"(?! longer)",
@@ -67,7 +68,7 @@ def _negated(text: str, start: int, end: int) -> list[tuple[int, int, str]]:
         return []
     out: list[tuple[int, int, str]] = []
     negating = False
-    for a, b in _spans(text, re.compile(r","), start, end):
+    for a, b in _spans(text, COMMA, start, end):
         part = text[a:b]
         lead = LEADING.search(part)
         if lead:
