@@ -60,6 +60,11 @@ def _request_error(exc: RequestError) -> Result:
     return Result(status=422, error=message, field=name)
 
 
+def header_text(text: str) -> str:
+    """Free text as a header value: percent-encoded UTF-8, common punctuation left readable."""
+    return quote(text, safe=" ,.:;()-'/")
+
+
 def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
     """The response body for one generated volume, with its provenance in headers."""
     vid = volume_id(generator.model_hash, job.request)
@@ -84,7 +89,7 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
         "X-Seed": str(volume.seed),
         "X-Model": model_id,
         "X-Model-Hash": generator.model_hash,
-        "X-Prompt": quote(volume.prompt, safe=" ,.:;()-'/"),
+        "X-Prompt": header_text(volume.prompt),
         "X-Steps": str(volume.sampler["steps"]),
         "X-Guidance": str(volume.sampler["guidance"]),
         "X-Scheduler": str(volume.sampler["scheduler"]),
@@ -93,7 +98,7 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
         "Content-Disposition": f'attachment; filename="{vid}{SUFFIXES[job.output]}"',
     }
     if "negative_prompt" in volume.sampler:  # what guidance steered away from
-        headers["X-Negative-Prompt"] = quote(volume.sampler["negative_prompt"], safe=" ,.:;()-'/")
+        headers["X-Negative-Prompt"] = header_text(volume.sampler["negative_prompt"])
     return Result(body=body, media_type=MEDIA_TYPES[job.output], headers=headers)
 
 

@@ -407,7 +407,7 @@ def build_card(
             f"({_plural(int(settings['reference']), 'subject')}), "
             "the direction a faithful model should show. "
             + verdict(results)
-            + negation_text(str(settings.get("negations", "keep"))),
+            + negation_text(str(settings["negations"])),
             results_table(results),
             f"HU quartiles (25/50/75 %) over all generated volumes: "
             f"{' / '.join(f'{v:.0f}' for v in hu['generated'])}; over the validation phantoms: "
