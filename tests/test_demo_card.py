@@ -14,7 +14,7 @@ from factory.models.checkpoint import ModelCard, load_checkpoint
 from factory.models.config import load_config, parse_config
 from tests.conftest import ctfactory_bin
 from train import demo_card
-from train.demo_card import MAX_PNG_BYTES, PAIRS, pair_figure
+from train.demo_card import MAX_PNG_BYTES, PAIRS, pair_figure, pair_results, verdict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The tiny config at half resolution (32^3 of 11.9 x 11.9 x 10 mm, the phantom's default field of
@@ -35,6 +35,28 @@ def test_pair_figure_is_a_small_png():
     panels = [(f"panel {i}", rng.integers(-1000, 200, (32, 32, 32), dtype=np.int16)) for i in "ab"]
     data = pair_figure("noise", panels, (5.9, 5.9, 5.0), [16, 16, 16])
     assert data.startswith(PNG_SIGNATURE) and len(data) <= MAX_PNG_BYTES
+
+
+def test_emphysema_is_measured_by_perc15_and_laa950():
+    """Perc15 sees emphysema lifted just above -950 HU (as blurring does); %LAA-950 does not."""
+    pair = next(p for p in PAIRS if p.finding == "emphysema")
+    lungs = np.zeros((8, 8, 8), bool)
+    lungs[:, :, :4] = True
+    zone_masks = {"lungs": lungs, "heart": ~lungs}
+    normal = np.full(lungs.shape, -850, np.int16)
+    speckled, lifted = normal.copy(), normal.copy()
+    speckled[:3, :, :4] = -985  # 3/8 of the lung zone below -950
+    lifted[:3, :, :4] = -930  # the same voxels, blurred
+    rows = pair_results(pair, [lifted, lifted], [normal, normal], [speckled], [normal], zone_masks)
+    assert list(rows) == ["emphysema", "emphysema/laa950"]
+    perc15, laa = rows["emphysema"], rows["emphysema/laa950"]
+    assert perc15["measure"] == "lungs zone Perc15 (HU)"
+    assert (perc15["with"], perc15["without"]) == (-930, -850)
+    assert (perc15["real_with"], perc15["real_without"]) == (-985, -850)
+    assert laa["difference"] == 0 and laa["real_with"] == pytest.approx(3 / 8)
+    assert verdict(rows).startswith(
+        "The prompt moved the yardstick in the phantom's direction for 1 of 2 measures of 1 finding"
+    )
 
 
 # ----- a whole run ----------------------------------------------------------------------------
@@ -95,7 +117,7 @@ def test_run_records_finite_yardstick_metrics(run):
     out, _, _ = run
     card = load_checkpoint(out).card
     metrics = card.metrics
-    wanted = [f"{p.finding}/{k}" for p in PAIRS for k in KEYS]
+    wanted = [f"{row}/{k}" for p in PAIRS for row, _ in p.rows() for k in KEYS]
     wanted += [f"hu/{q}" for q in ("q25", "q50", "q75")]
     wanted += [f"hu/real_{q}" for q in ("q25", "q50", "q75")]
     for key in wanted:
@@ -104,6 +126,9 @@ def test_run_records_finite_yardstick_metrics(run):
     assert 0.0 <= metrics["pleural_effusion/with"] <= 1.0
     assert card.steps == 3
     assert "| pleural effusion |" in card.description
+    assert "| emphysema | lungs zone Perc15 (HU) |" in card.description
+    assert "| emphysema | lungs zone < -950 HU |" in card.description
+    assert "parenchyma window -1000..-700 HU" in card.description
 
 
 def test_run_keeps_the_weights(run):

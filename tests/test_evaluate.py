@@ -163,6 +163,20 @@ def test_zone_fraction_counts_dense_and_low_voxels():
     assert math.isnan(measure.zone_fraction(hu, np.zeros(hu.shape, bool), -300, above=True))
 
 
+def test_zone_percentile_is_perc15_of_the_zone_only():
+    hu = np.full((10, 10, 10), 500, np.int16)  # outside the zone: never counted
+    zone = np.zeros(hu.shape, bool)
+    zone[:, :, :2] = True  # 200 voxels
+    hu[:, :, :2] = -850
+    hu[:3, :, :2] = -990  # 60 of 200 (30%) emphysematous
+    assert measure.zone_percentile(hu, zone, measure.PERC15) == pytest.approx(-990)
+    hu[:3, :, :2] = -940  # lifted above -950 by blurring: %LAA-950 sees nothing, Perc15 does
+    assert measure.zone_fraction(hu, zone, measure.LAA_HU, above=False) == 0
+    assert measure.zone_percentile(hu, zone, measure.PERC15) == pytest.approx(-940)
+    assert measure.zone_percentile(hu, zone, 50) == pytest.approx(-850)
+    assert math.isnan(measure.zone_percentile(hu, np.zeros(hu.shape, bool), 15))
+
+
 def test_paired_stats_is_the_paired_t_test():
     with_, without = [0.30, 0.35, 0.28, 0.40], [0.10, 0.12, 0.15, 0.11]
     r = measure.paired_stats(with_, without)

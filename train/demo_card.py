@@ -8,7 +8,8 @@ Run as::
 For four findings the model generates prompt pairs ("with" / "without" the finding, the same
 seed for both prompts of a pair) and a physical yardstick that needs no network measures each
 volume: the fraction of a fixed zone denser than -300 HU (pleural effusion, consolidation,
-cardiomegaly) or below -950 HU (emphysema, %LAA-950). The zones come from the anatomy masks of
+cardiomegaly); for emphysema the lung zone's 15th HU percentile (Perc15) and the fraction below
+-950 HU (%LAA-950). The zones come from the anatomy masks of
 the phantom dataset's ``valid`` split, so every volume is measured in the same place whatever
 anatomy the model drew. Real phantoms rendered with and without each finding (same subjects)
 give the direction and size a faithful model should show. The weights, config and labels of
@@ -27,6 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -35,9 +37,11 @@ from factory.evaluate.measure import (
     DENSE_HU,
     HEART_DILATION,
     LAA_HU,
+    PERC15,
     paired_stats,
     quartiles,
     zone_fraction,
+    zone_percentile,
     zones,
 )
 from factory.models.checkpoint import (
@@ -57,6 +61,7 @@ from factory.models.checkpoint import (
 from factory.phantom.grid import Grid
 
 LUNG_WINDOW = (-1000.0, 200.0)
+PARENCHYMA_WINDOW = (-1000.0, -700.0)  # aerated lung only: shows changes in lung density
 REFERENCE_SEED = 20240  # the real reference subjects (sex alternates, ages cycle REFERENCE_AGES)
 REFERENCE_AGES = (62, 48, 71, 55)
 MAX_PNG_BYTES = 250_000
@@ -65,21 +70,49 @@ SCHEDULER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "rectified_flow": "rectified-
 
 
 @dataclass(frozen=True)
+class Yardstick:
+    """One measure of a fixed zone: the fraction of its voxels above or below ``value`` HU, or
+    its ``value``-th HU percentile."""
+
+    zone: str  # "lungs" or "heart"
+    kind: Literal["above", "below", "percentile"]
+    value: float
+    key: str  # names the measure in the card's metrics, after the finding's first one
+
+    @property
+    def text(self) -> str:
+        if self.kind == "percentile":
+            return f"{self.zone} zone Perc{self.value:g} (HU)"
+        return f"{self.zone} zone {'>' if self.kind == 'above' else '<'} {self.value:g} HU"
+
+    def __call__(self, hu: np.ndarray, zone_masks: Mapping[str, np.ndarray]) -> float:
+        if self.kind == "percentile":
+            return zone_percentile(hu, zone_masks[self.zone], self.value)
+        return zone_fraction(hu, zone_masks[self.zone], self.value, self.kind == "above")
+
+
+LUNGS_DENSE = Yardstick("lungs", "above", DENSE_HU, "dense")
+
+
+@dataclass(frozen=True)
 class Pair:
-    """One finding's prompt pair, the attributes of its real reference and its yardstick."""
+    """One finding's prompt pair, the attributes of its real reference, its yardsticks and
+    the window its picture is drawn in."""
 
     finding: str
     with_prompt: str
     without_prompt: str
     attributes: Mapping[str, object]
-    zone: str  # "lungs" or "heart"
-    above: bool  # True: fraction denser than ``threshold``; False: fraction below it
-    threshold: float
+    yardsticks: tuple[Yardstick, ...]
+    window: tuple[float, float] = LUNG_WINDOW
+    window_name: str = "lung window"
 
-    @property
-    def measure_text(self) -> str:
-        side = ">" if self.above else "<"
-        return f"{self.zone} zone {side} {self.threshold:g} HU"
+    def rows(self) -> list[tuple[str, Yardstick]]:
+        """(row id, yardstick): the first row is the finding itself, the others add the key."""
+        return [
+            (self.finding if i == 0 else f"{self.finding}/{y.key}", y)
+            for i, y in enumerate(self.yardsticks)
+        ]
 
 
 # Wording follows the phantom reports the model was trained on (factory/vocab.py phrases):
@@ -91,36 +124,33 @@ PAIRS: tuple[Pair, ...] = (
         "large bilateral pleural effusion",
         "no pleural effusion",
         {"laterality": "bilateral", "severity": "large"},
-        "lungs",
-        True,
-        DENSE_HU,
+        (LUNGS_DENSE,),
     ),
     Pair(
         "cardiomegaly",
         "severe cardiomegaly, the heart is severely enlarged",
         "heart size is normal",
         {"severity": "severe"},
-        "heart",
-        True,
-        DENSE_HU,
+        (Yardstick("heart", "above", DENSE_HU, "dense"),),
     ),
     Pair(
         "emphysema",
         "severe centrilobular emphysema",
         "no emphysema",
         {"severity": "severe", "type": "centrilobular"},
-        "lungs",
-        False,
-        LAA_HU,
+        (
+            Yardstick("lungs", "percentile", PERC15, "perc15"),
+            Yardstick("lungs", "below", LAA_HU, "laa950"),
+        ),
+        PARENCHYMA_WINDOW,
+        "parenchyma window",
     ),
     Pair(
         "consolidation",
         "consolidation in the right lower lobe",
         "no consolidation",
         {"lobe": "RLL"},
-        "lungs",
-        True,
-        DENSE_HU,
+        (LUNGS_DENSE,),
     ),
 )
 
@@ -130,9 +160,31 @@ class InputError(ValueError):
 
 
 # ----- measuring ------------------------------------------------------------------------------
-def measure(pair: Pair, hu: np.ndarray, zone_masks: Mapping[str, np.ndarray]) -> float:
-    """A pair's yardstick on one HU volume."""
-    return zone_fraction(hu, zone_masks[pair.zone], pair.threshold, pair.above)
+def pair_results(
+    pair: Pair,
+    with_hu: Sequence[np.ndarray],
+    without_hu: Sequence[np.ndarray],
+    real_with: Sequence[np.ndarray],
+    real_without: Sequence[np.ndarray],
+    zone_masks: Mapping[str, np.ndarray],
+) -> dict[str, dict]:
+    """Each of a pair's yardsticks on its generated pairs (paired statistics) and on the real
+    phantoms with and without the finding, by row id."""
+    results = {}
+    for row, yardstick in pair.rows():
+        result = paired_stats(
+            [yardstick(h, zone_masks) for h in with_hu],
+            [yardstick(h, zone_masks) for h in without_hu],
+        )
+        result["real_with"] = float(np.mean([yardstick(h, zone_masks) for h in real_with]))
+        result["real_without"] = float(np.mean([yardstick(h, zone_masks) for h in real_without]))
+        result.update(
+            measure=yardstick.text,
+            with_prompt=pair.with_prompt,
+            without_prompt=pair.without_prompt,
+        )
+        results[row] = result
+    return results
 
 
 # ----- data -----------------------------------------------------------------------------------
@@ -233,8 +285,9 @@ def pair_figure(
     panels: Sequence[tuple[str, np.ndarray]],
     spacing: Sequence[float],
     centre: Sequence[int],
+    window: tuple[float, float] = LUNG_WINDOW,
 ) -> bytes:
-    """PNG bytes: one column per (label, HU volume), axial and coronal rows, lung window.
+    """PNG bytes: one column per (label, HU volume), axial and coronal rows, in ``window``.
 
     Radiological convention (factory.phantom.preview.planes); shrinks until under
     MAX_PNG_BYTES.
@@ -256,8 +309,8 @@ def pair_figure(
             ax.imshow(
                 views[name],
                 cmap="gray",
-                vmin=LUNG_WINDOW[0],
-                vmax=LUNG_WINDOW[1],
+                vmin=window[0],
+                vmax=window[1],
                 aspect=aspects[name],
                 interpolation="nearest",
             )
@@ -284,6 +337,8 @@ def pair_figure(
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
+    if abs(value) >= 10:  # HU
+        return f"{value:.1f}"
     return f"{value:.{digits}f}" if abs(value) >= 10**-digits or value == 0 else f"{value:.1e}"
 
 
@@ -300,7 +355,7 @@ def _same_direction(model: float, real: float) -> str:
 
 
 def results_table(results: Mapping[str, dict]) -> str:
-    """The yardstick as a Markdown table (fractions of the zone's voxels)."""
+    """The yardstick as a Markdown table (fractions of the zone's voxels, or HU)."""
     rows = [
         "| finding | measure | with | without | difference | p (paired t) | phantom with "
         "| phantom without | same direction |",
@@ -309,7 +364,7 @@ def results_table(results: Mapping[str, dict]) -> str:
     for fid, r in results.items():
         real_diff = r["real_with"] - r["real_without"]
         rows.append(
-            f"| {fid.replace('_', ' ')} | {r['measure']} | {_fmt(r['with'])} | "
+            f"| {fid.split('/')[0].replace('_', ' ')} | {r['measure']} | {_fmt(r['with'])} | "
             f"{_fmt(r['without'])} | {_fmt(r['difference'])} | {_fmt(r['p_value'])} | "
             f"{_fmt(r['real_with'])} | {_fmt(r['real_without'])} | "
             f"{_same_direction(r['difference'], real_diff)} |"
@@ -330,9 +385,10 @@ def verdict(results: Mapping[str, dict]) -> str:
         if results[fid]["p_value"] is not None and results[fid]["p_value"] < 0.05
     ]
     tested = any(r["p_value"] is not None for r in results.values())
+    findings = {fid.split("/")[0] for fid in results}
     sentence = (
         f"The prompt moved the yardstick in the phantom's direction for {len(agree)} of "
-        f"{len(results)} findings"
+        f"{_plural(len(results), 'measure')} of {_plural(len(findings), 'finding')}"
     )
     if tested:
         sentence += f" ({len(significant)} with p < 0.05, uncorrected)"
@@ -352,6 +408,7 @@ def negation_text(negations: str) -> str:
 
 def build_card(
     source: ModelCard,
+    pairs: Sequence[Pair],
     results: Mapping[str, dict],
     hu: Mapping[str, tuple[float, float, float]],
     settings: Mapping[str, object],
@@ -359,7 +416,8 @@ def build_card(
     training_data: str,
     config_text: str,
 ) -> ModelCard:
-    """The demo model's card: the source card's numbers plus the yardstick, pictures, caveats."""
+    """The demo model's card: the source card's numbers plus the yardstick, pictures (one per
+    pair, in ``images``' order), caveats."""
     metrics = dict(source.metrics)
     for fid, r in results.items():
         for key in ("with", "without", "difference", "p_value", "real_with", "real_without"):
@@ -379,13 +437,13 @@ def build_card(
         map(str, seeds[:PICTURE_SEEDS])
     )
     pictures = []
-    for fid, name in zip(results, images, strict=True):
-        r = results[fid]
+    for pair, name in zip(pairs, images, strict=True):
+        finding = pair.finding.replace("_", " ")
         pictures.append(
-            f"![{fid.replace('_', ' ')}: without and with the finding]({IMAGES_DIR}/{name})\n\n"
-            f'*{fid.replace("_", " ").capitalize()}: "{r["without_prompt"]}" vs '
-            f'"{r["with_prompt"]}" ({shown}), and '
-            "the same phantom subject without and with it; lung window.*"
+            f"![{finding}: without and with the finding]({IMAGES_DIR}/{name})\n\n"
+            f'*{finding.capitalize()}: "{pair.without_prompt}" vs "{pair.with_prompt}" '
+            f"({shown}), and the same phantom subject without and with it; {pair.window_name} "
+            f"{pair.window[0]:g}..{pair.window[1]:g} HU.*"
         )
     description = "\n\n".join(
         [
@@ -401,8 +459,10 @@ def build_card(
             "that needs no network measures each volume in fixed zones taken from the "
             "validation phantoms' anatomy (lungs: inside the lungs in at least half; heart: "
             f"the majority heart dilated by {HEART_DILATION} voxels, inside the chest cavity): "
-            f"the fraction of the zone denser than {DENSE_HU:g} HU, or below {LAA_HU:g} HU for "
-            "emphysema (%LAA-950). The phantom columns are the same measure on real phantoms "
+            f"the fraction of the zone denser than {DENSE_HU:g} HU; for emphysema the lung "
+            f"zone's Perc{PERC15:g} (the HU below which {PERC15:g}% of it lies, the densitometry "
+            "index of emphysema trials: lower is more emphysema) and the fraction below "
+            f"{LAA_HU:g} HU (%LAA-950). The phantom columns are the same measure on real phantoms "
             "rendered with and without the finding "
             f"({_plural(int(settings['reference']), 'subject')}), "
             "the direction a faithful model should show. "
@@ -420,7 +480,9 @@ def build_card(
         "docs/phantom.md), with the tiny networks and a short CPU schedule: anatomy and "
         "textures are coarse and findings are at best approximate. At 64^3 voxels of about "
         "6 x 6 x 5 mm small findings (nodules under about 10 mm, calcified plaques, fine "
-        "septal lines) cannot be represented. The yardstick is a crude HU fraction in fixed "
+        "septal lines) cannot be represented, and texture finer than one latent voxel of the VAE, "
+        "such as the phantom's emphysema speckle, comes back as a change in density "
+        "at best. The yardstick is a crude HU fraction or percentile in fixed "
         "zones: it cannot tell an effusion from a consolidation or a large heart from nearby "
         "dense lung, and it rests on a few seeds with uncorrected p-values. The model was "
         "conditioned on phantom report phrasing only; other wording may have little effect. "
@@ -589,22 +651,10 @@ def run(args: argparse.Namespace) -> int:
         without_hu = [v.hu for v in volumes[1::2]]
         generated.extend(v.hu for v in volumes)
         scheduler = volumes[0].sampler.get("scheduler")
-        result = paired_stats(
-            [measure(pair, h, zone_masks) for h in with_hu],
-            [measure(pair, h, zone_masks) for h in without_hu],
+        rows = pair_results(
+            pair, with_hu, without_hu, real_with[pair.finding], real_without, zone_masks
         )
-        result["real_with"] = float(
-            np.mean([measure(pair, h, zone_masks) for h in real_with[pair.finding]])
-        )
-        result["real_without"] = float(
-            np.mean([measure(pair, h, zone_masks) for h in real_without])
-        )
-        result.update(
-            measure=pair.measure_text,
-            with_prompt=pair.with_prompt,
-            without_prompt=pair.without_prompt,
-        )
-        results[pair.finding] = result
+        results.update(rows)
         centre = busiest_slices(real_with[pair.finding], real_without)
         panels: list[tuple[str, np.ndarray]] = []
         for i in range(min(PICTURE_SEEDS, len(seeds))):
@@ -614,13 +664,19 @@ def run(args: argparse.Namespace) -> int:
         panels.append(("phantom with (reference)", real_with[pair.finding][0]))
         title = (
             f"{pair.finding.replace('_', ' ')}: generated pairs (same seed) and a phantom "
-            f"reference; lung window {LUNG_WINDOW[0]:g}..{LUNG_WINDOW[1]:g} HU"
+            f"reference; {pair.window_name} {pair.window[0]:g}..{pair.window[1]:g} HU"
         )
-        images[f"pair-{pair.finding}.png"] = pair_figure(title, panels, grid.spacing, centre)
+        images[f"pair-{pair.finding}.png"] = pair_figure(
+            title, panels, grid.spacing, centre, pair.window
+        )
+        differences = ", ".join(
+            f"{r['measure']} {_fmt(r['difference'])} "
+            f"(phantom {_fmt(r['real_with'] - r['real_without'])})"
+            for r in rows.values()
+        )
         print(
             f"pair {k}/{len(PAIRS)} {pair.finding}: {len(requests)} volumes in "
-            f"{time.perf_counter() - t:.1f} s, difference {_fmt(result['difference'])} "
-            f"(phantom {_fmt(result['real_with'] - result['real_without'])})"
+            f"{time.perf_counter() - t:.1f} s, difference {differences}"
         )
 
     hu = {"generated": quartiles(generated), "real": real_hu}
@@ -640,6 +696,7 @@ def run(args: argparse.Namespace) -> int:
     )
     card = build_card(
         checkpoint.card,
+        PAIRS,
         results,
         hu,
         settings,

@@ -10,7 +10,7 @@ drew, so a generated cohort and its reference are compared like for like.
 - %LAA-950 (emphysema): the share of aerated lung-zone voxels below -950 HU;
 - cardiothoracic ratio (cardiomegaly): the widest transverse extent of the heart over the widest
   extent of the chest (lungs and heart), from a volume's own anatomy masks;
-- dense fractions of the zones (the demo card's yardstick).
+- dense fractions of the zones and the lung zone's Perc15 (the demo card's yardstick).
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from factory.phantom.anatomy import ANATOMY_GROUPS
 
 DENSE_HU = -300.0  # fluid, consolidation and heart are denser; aerated lung is not
 LAA_HU = -950.0  # %LAA-950, the usual CT emphysema index
+# Perc15: the HU below which 15% of the lung lies, the densitometry index of emphysema trials.
+# Unlike %LAA-950 it has no threshold, so it still sees emphysema that blurring (partial volume,
+# thick slices, a VAE's latent grid) has lifted just above -950 HU.
+PERC15 = 15.0
 AERATED_HU = -400.0  # lung-zone voxels below this are aerated lung
 FLUID_HU = (-100.0, 100.0)  # pleural fluid (about 0-20 HU), blurred edges included
 # Heart zone: the majority heart dilated by this many voxels, kept inside the thoracic cavity.
@@ -95,6 +99,14 @@ def zone_fraction(hu: np.ndarray, zone: np.ndarray, threshold: float, above: boo
         return float("nan")
     hit = values > threshold if above else values < threshold
     return float(np.count_nonzero(hit)) / values.size
+
+
+def zone_percentile(hu: np.ndarray, zone: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile of the ``zone`` voxels' HU (Perc15 for q = 15); NaN if empty."""
+    values = np.asarray(hu)[zone]
+    if values.size == 0:
+        return float("nan")
+    return float(np.percentile(values, q))
 
 
 def effusion_ml(hu: np.ndarray, lung_zone: np.ndarray, spacing_mm: Sequence[float]) -> float:
