@@ -69,7 +69,13 @@ def test_eval_writes_every_section(setup, capsys):
     assert d["fid_volume"] > 0 and d["fid_2_5d"] > 0  # random-model noise is not a phantom
     assert result["reference"]["anatomy_masks"] is True
     real = result["measurements"]["real"]
-    assert set(real) == {"Pleural effusion", "Emphysema", "Cardiomegaly", "Consolidation"}
+    assert set(real) == {
+        "Pleural effusion",
+        "Emphysema",
+        "Emphysema/lung_perc15",
+        "Cardiomegaly",
+        "Consolidation",
+    }
     assert all(v["n_with"] + v["n_without"] == 6 for v in real.values())
     # The phantom reference has exact ground truth: the measured CTR is the phantom's own.
     agreement = result["measurements"]["phantom_agreement"]

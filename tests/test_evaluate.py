@@ -95,7 +95,9 @@ def test_measurements_move_with_their_findings(phantoms):
     base, findings = phantoms
     zones = measure.zones(p.mask for p in base)
     without = [measure.measure_volume(p.image, zones, GRID.spacing, _own(p)) for p in base]
-    for column, (key, sign) in measure.FINDING_MEASURES.items():
+    rows = measure.finding_rows()
+    assert ("Emphysema/lung_perc15", "Emphysema", "lung_perc15", -1) in rows
+    for _row, column, key, sign in rows:
         fid = vocab.resolve(column)
         with_ = [
             measure.measure_volume(p.image, zones, GRID.spacing, _own(p)) for p in findings[fid]

@@ -215,13 +215,14 @@ def correctness(scores: Scores, classifier: FindingClassifier, threshold: float)
 
 
 def finding_measures(scores: Scores) -> dict[str, dict]:
-    """For each finding with a physical measure: its mean in volumes labelled with and without
-    the finding, the difference and Welch's t-test p-value (None when undefined)."""
+    """For each finding measure (by row id, ``measure.finding_rows``): its mean in volumes
+    labelled with and without the finding, the difference and Welch's t-test p-value (None
+    when undefined)."""
     if not scores.measures:
         return {}
     labels = np.stack(scores.labels)
     out = {}
-    for column, (key, _sign) in measure.FINDING_MEASURES.items():
+    for row, column, key, _sign in measure.finding_rows():
         values = np.array([m[key] for m in scores.measures], float)
         has = labels[:, vocab.COLUMNS.index(column)].astype(bool)
         ok = np.isfinite(values)
@@ -230,7 +231,7 @@ def finding_measures(scores: Scores) -> dict[str, dict]:
         if len(a) >= 2 and len(b) >= 2 and (np.ptp(a) > 0 or np.ptp(b) > 0):
             p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
             p = p if math.isfinite(p) else None
-        out[column] = {
+        out[row] = {
             "measure": key,
             "with": float(a.mean()) if len(a) else None,
             "without": float(b.mean()) if len(b) else None,

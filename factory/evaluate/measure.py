@@ -8,6 +8,7 @@ drew, so a generated cohort and its reference are compared like for like.
 
 - pleural effusion volume (mL): fluid-density voxels in the lung zone;
 - %LAA-950 (emphysema): the share of aerated lung-zone voxels below -950 HU;
+- Perc15 (emphysema): the lung zone's 15th HU percentile;
 - cardiothoracic ratio (cardiomegaly): the widest transverse extent of the heart over the widest
   extent of the chest (lungs and heart), from a volume's own anatomy masks;
 - dense fractions of the zones and the lung zone's Perc15 (the demo card's yardstick).
@@ -39,17 +40,28 @@ HEART_DILATION = 4
 MEASURES: dict[str, str] = {
     "effusion_ml": "pleural effusion volume (mL): voxels of -100..100 HU in the lung zone",
     "laa950_pct": "%LAA-950: aerated lung-zone voxels (< -400 HU) below -950 HU, in percent",
+    "lung_perc15": "Perc15 (HU): the HU below which 15% of the lung zone lies",
     "ctr": "cardiothoracic ratio: widest heart / widest chest (lungs + heart) on axial slices",
     "lung_dense": "fraction of the lung zone denser than -300 HU",
     "heart_dense": "fraction of the heart zone denser than -300 HU",
 }
-# The measure that should move with each finding, and which way.
-FINDING_MEASURES: dict[str, tuple[str, int]] = {
-    "Pleural effusion": ("effusion_ml", +1),
-    "Emphysema": ("laa950_pct", +1),
-    "Cardiomegaly": ("ctr", +1),
-    "Consolidation": ("lung_dense", +1),
+# The measures that should move with each finding, and which way.
+FINDING_MEASURES: dict[str, tuple[tuple[str, int], ...]] = {
+    "Pleural effusion": (("effusion_ml", +1),),
+    "Emphysema": (("laa950_pct", +1), ("lung_perc15", -1)),
+    "Cardiomegaly": (("ctr", +1),),
+    "Consolidation": (("lung_dense", +1),),
 }
+
+
+def finding_rows() -> list[tuple[str, str, str, int]]:
+    """(row id, finding column, measure, sign) for every finding measure: a finding's first
+    measure is named by the finding, the others by ``finding/measure``."""
+    return [
+        (column if i == 0 else f"{column}/{key}", column, key, sign)
+        for column, measures in FINDING_MEASURES.items()
+        for i, (key, sign) in enumerate(measures)
+    ]
 
 
 def zones(label_maps: Iterable[np.ndarray], heart_dilation: int = HEART_DILATION) -> dict:
@@ -167,6 +179,7 @@ def measure_volume(
     return {
         "effusion_ml": effusion_ml(hu, zone_masks["lungs"], spacing_mm),
         "laa950_pct": laa950_pct(hu, zone_masks["lungs"] & (hu < AERATED_HU)),
+        "lung_perc15": zone_percentile(hu, zone_masks["lungs"], PERC15),
         "ctr": ctr,
         "lung_dense": zone_fraction(hu, zone_masks["lungs"], DENSE_HU, True),
         "heart_dense": zone_fraction(hu, zone_masks["heart"], DENSE_HU, True),

@@ -180,7 +180,7 @@ def metrics_html(result: Mapping | None) -> str:
                 ["finding", "measure", "generated", "p", "real", "p"],
                 [
                     [
-                        c,
+                        c.split("/")[0],
                         g["measure"],
                         g["difference"],
                         g["p_value"],
