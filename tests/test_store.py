@@ -190,6 +190,45 @@ def test_writes_retry_transient_faults_and_name_persistent_ones(monkeypatch):
         )
 
 
+def test_a_retried_volume_write_is_not_overwritten_by_its_failed_attempt(tmp_path):
+    """asyncio.gather (zarr's) does not cancel the siblings of a failed write: when the root's
+    metadata write fails, the volume group's own metadata write of that attempt is still in
+    flight. Landing after the retry, it would replace the group's attributes with none (what
+    an S3 endpoint outage did in test_factory_ray); ``retrying`` waits for it first."""
+    import asyncio
+    import time
+
+    from zarr.storage import LocalStore, WrapperStore
+
+    faults = {"zarr.json": 1, "v/zarr.json": 1}
+
+    class Flaky(WrapperStore):
+        """The first write of the root metadata fails; the first of the group's lands late."""
+
+        async def set_if_not_exists(self, key, value):
+            if faults.get(key):
+                faults[key] -= 1
+                raise ConnectionError("endpoint down")
+            await self._store.set_if_not_exists(key, value)
+
+        async def set(self, key, value, *args, **kwargs):
+            if key == "v/zarr.json" and faults[key]:
+                faults[key] -= 1
+                await asyncio.sleep(0.5)
+            await self._store.set(key, value, *args, **kwargs)
+
+    zarr.open_group(LocalStore(tmp_path), mode="w")  # the root group
+    flaky = zarr.open_group(Flaky(LocalStore(tmp_path)), mode="r+")
+    hu = np.arange(-500, 12, dtype=np.int16).reshape(8, 8, 8)
+    masks = {"lungs": hu < 0}
+    args = (hu, masks, np.eye(4), (1.0, 1.0, 1.0), (-1000.0, 1000.0), {"seed": 1})
+    retrying("volume v", lambda: write_volume(flaky, "v", *args), delays=(0.0,))
+    assert faults == {"zarr.json": 0, "v/zarr.json": 0}  # both faults happened
+    time.sleep(0.7)  # past the late write, had it been left running
+    stored = read_volume(zarr.open_group(LocalStore(tmp_path), mode="r"), "v")
+    assert stored.record == {"seed": 1} and np.array_equal(stored.hu, hu)
+
+
 def test_export_nifti_in_ct_rate_layout_reads_back(written, tmp_path):
     _, run, _, rows = written
     cohort = open_cohort(run.url)

@@ -7,6 +7,7 @@ that persists raises :class:`StoreError` naming what was being written and the l
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -72,7 +73,7 @@ def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = 
 
 def retrying(what: str, fn: Callable[[], T], delays: tuple[float, ...] | None = None) -> T:
     """``fn()``, retried after transient failures on the ``delays`` schedule (default
-    :func:`retry_delays`).
+    :func:`retry_delays`), each retry once the failed attempt's IO has settled.
 
     Errors that retrying cannot mend (a file that exists, bad values) fail at once; every
     failure is raised as a StoreError naming ``what``.
@@ -88,8 +89,36 @@ def retrying(what: str, fn: Callable[[], T], delays: tuple[float, ...] | None = 
                 raise StoreError(
                     f"{what}: failed after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
                 ) from exc
+            settle()
             time.sleep(delays[attempt])
     raise AssertionError("unreachable")
+
+
+SETTLE_TIMEOUT_S = 120.0
+
+
+def settle(timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait until the IO running on zarr's and fsspec's event loops has finished.
+
+    asyncio.gather (zarr's writes, fsspec's bulk calls) does not cancel the siblings of a task
+    that failed, and s3fs retries each request on its own: a failed attempt can leave writes in
+    flight that land after the retry and replace its bytes (the group metadata without its
+    attributes, or a delete). Tasks still running after ``timeout`` s are left alone.
+    """
+    from fsspec import asyn
+    from zarr.core import sync
+
+    for loop in {sync.loop[0], asyn.loop[0]} - {None}:
+        if loop.is_running() and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(_finished(timeout), loop).result()
+
+
+async def _finished(timeout: float) -> None:
+    """Wait for every other task of the running loop, at most ``timeout`` s."""
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
 
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
