@@ -40,6 +40,7 @@ from factory.evaluate.measure import (
     PERC15,
     paired_stats,
     quartiles,
+    row_id,
     zone_fraction,
     zone_percentile,
     zones,
@@ -77,7 +78,7 @@ class Yardstick:
     zone: str  # "lungs" or "heart"
     kind: Literal["above", "below", "percentile"]
     value: float
-    key: str  # names the measure in the card's metrics, after the finding's first one
+    key: str  # names the measure in the card's results after the finding's first (row_id)
 
     @property
     def text(self) -> str:
@@ -108,11 +109,8 @@ class Pair:
     window_name: str = "lung window"
 
     def rows(self) -> list[tuple[str, Yardstick]]:
-        """(row id, yardstick): the first row is the finding itself, the others add the key."""
-        return [
-            (self.finding if i == 0 else f"{self.finding}/{y.key}", y)
-            for i, y in enumerate(self.yardsticks)
-        ]
+        """(row id, yardstick) for each yardstick, named as ``measure.row_id`` names them."""
+        return [(row_id(self.finding, i, y.key), y) for i, y in enumerate(self.yardsticks)]
 
 
 # Wording follows the phantom reports the model was trained on (factory/vocab.py phrases):

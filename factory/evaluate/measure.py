@@ -54,11 +54,16 @@ FINDING_MEASURES: dict[str, tuple[tuple[str, int], ...]] = {
 }
 
 
+def row_id(finding: str, index: int, key: str) -> str:
+    """How results name a finding's ``index``-th measure: its first by the finding (the name
+    results had when each finding had one), the others by ``finding/key``."""
+    return finding if index == 0 else f"{finding}/{key}"
+
+
 def finding_rows() -> list[tuple[str, str, str, int]]:
-    """(row id, finding column, measure, sign) for every finding measure: a finding's first
-    measure is named by the finding, the others by ``finding/measure``."""
+    """(row id, finding column, measure, sign) for every measure of ``FINDING_MEASURES``."""
     return [
-        (column if i == 0 else f"{column}/{key}", column, key, sign)
+        (row_id(column, i, key), column, key, sign)
         for column, measures in FINDING_MEASURES.items()
         for i, (key, sign) in enumerate(measures)
     ]
