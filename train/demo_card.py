@@ -40,6 +40,7 @@ from factory.evaluate.measure import (
     PERC15,
     paired_stats,
     quartiles,
+    row_finding,
     row_id,
     zone_fraction,
     zone_percentile,
@@ -362,7 +363,7 @@ def results_table(results: Mapping[str, dict]) -> str:
     for fid, r in results.items():
         real_diff = r["real_with"] - r["real_without"]
         rows.append(
-            f"| {fid.split('/')[0].replace('_', ' ')} | {r['measure']} | {_fmt(r['with'])} | "
+            f"| {row_finding(fid).replace('_', ' ')} | {r['measure']} | {_fmt(r['with'])} | "
             f"{_fmt(r['without'])} | {_fmt(r['difference'])} | {_fmt(r['p_value'])} | "
             f"{_fmt(r['real_with'])} | {_fmt(r['real_without'])} | "
             f"{_same_direction(r['difference'], real_diff)} |"
@@ -383,7 +384,7 @@ def verdict(results: Mapping[str, dict]) -> str:
         if results[fid]["p_value"] is not None and results[fid]["p_value"] < 0.05
     ]
     tested = any(r["p_value"] is not None for r in results.values())
-    findings = {fid.split("/")[0] for fid in results}
+    findings = {row_finding(fid) for fid in results}
     sentence = (
         f"The prompt moved the yardstick in the phantom's direction for {len(agree)} of "
         f"{_plural(len(results), 'measure')} of {_plural(len(findings), 'finding')}"

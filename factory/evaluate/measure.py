@@ -60,6 +60,11 @@ def row_id(finding: str, index: int, key: str) -> str:
     return finding if index == 0 else f"{finding}/{key}"
 
 
+def row_finding(row: str) -> str:
+    """The finding a ``row_id`` belongs to."""
+    return row.split("/")[0]
+
+
 def finding_rows() -> list[tuple[str, str, str, int]]:
     """(row id, finding column, measure, sign) for every measure of ``FINDING_MEASURES``."""
     return [

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from factory import vocab
+from factory.evaluate.measure import row_finding
 from factory.report import montage_png
 from factory.store.cohort import REPORT, CohortStore
 
@@ -180,7 +181,7 @@ def metrics_html(result: Mapping | None) -> str:
                 ["finding", "measure", "generated", "p", "real", "p"],
                 [
                     [
-                        c.split("/")[0],
+                        row_finding(c),
                         g["measure"],
                         g["difference"],
                         g["p_value"],
