@@ -34,11 +34,11 @@ import torch
 import yaml
 import zarr
 
+from factory.data.nifti import nifti_bytes, write_atomic
 from factory.models.checkpoint import load_checkpoint
 from factory.models.generator import Generator, Request, Volume
 from factory.pipeline import generate_cohort, prepare_run
 from factory.store.layout import read_volume, write_volume
-from factory.store.nifti import nifti_bytes, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "cohorts" / "demo.yaml"

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from factory.data.nifti import nifti_bytes
 from factory.models.generator import Generator, Request
-from factory.store.nifti import nifti_bytes
 
 PROMPT = "Large bilateral pleural effusion."
 

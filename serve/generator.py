@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from ray import serve
 
+from factory.data.nifti import nifti_bytes
 from factory.models.checkpoint import CheckpointError
 from factory.models.generator import Generator, RequestError
-from factory.store.nifti import nifti_bytes
 from serve.config import ServeConfig, parse_serve_config
 from serve.render import MEDIA_TYPES, SUFFIXES, npy_bytes, preview_png, zarr_zip_bytes
 from serve.schemas import Job, volume_id

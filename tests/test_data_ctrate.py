@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from factory import vocab
+from factory.anatomy import ANATOMY_GROUPS
 from factory.data.ctrate import LABELS, REPORTS, DatasetError, read_split
 from factory.data.transforms import preprocessing, sample, to_hu
 from factory.models.config import load_config
@@ -140,3 +141,18 @@ def test_values_that_are_not_ct_are_refused():
         to_hu(torch.rand(8, 8, 8) * 100, 1.0, 0.0, "x.nii.gz")
     with pytest.raises(DatasetError, match="boolean"):
         to_hu(torch.zeros(4, 4, 4, dtype=torch.bool), 1.0, 0.0, "x.nii.gz")
+
+
+def test_phantom_label_maps_are_read_through_their_legend(tmp_path):
+    root = tmp_path / "on-grid"
+    grid = default_grid(tuple(TINY.size), tuple(TINY.spacing_mm))
+    write_dataset(PhantomSettings(n=1, grid=grid, seed=2), root)
+    record = read_split(root)[0]
+    masks = np.asarray(preprocessing(TINY, with_masks=True)(sample(record))["mask"])
+    labels = np.asarray(nib.load(record.mask).dataobj)
+    for k, channel in enumerate(TINY.diffusion.anatomy_channels):  # on the model grid: exact
+        assert np.array_equal(masks[k], np.isin(labels, ANATOMY_GROUPS[channel])), channel
+    assert masks[0].sum() > 1000 and masks[3].sum() > 100  # lungs and heart are there
+    (root / "masks" / "labels.json").unlink()
+    with pytest.raises(DatasetError, match=r"masks/labels\.json: missing"):
+        read_split(root)

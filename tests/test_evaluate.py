@@ -11,9 +11,9 @@ import torch
 from scipy import stats as scipy_stats
 
 from factory import vocab
+from factory.anatomy import ANATOMY_GROUPS
 from factory.evaluate import measure, metrics
-from factory.phantom.anatomy import ANATOMY_GROUPS
-from factory.phantom.grid import Grid
+from factory.geometry import Grid
 from factory.phantom.render import render_phantom
 
 GRID = Grid((64, 64, 64), (5.9375, 5.9375, 5.0))  # the tiny model's grid

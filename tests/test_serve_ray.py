@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import zarr
 
+from factory.geometry import Grid
 from factory.models.checkpoint import load_checkpoint
-from factory.phantom.grid import Grid
 from factory.store.layout import read_volume
 
 from .browser_helpers import chromium

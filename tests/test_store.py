@@ -12,6 +12,8 @@ import zarr
 from ome_zarr_models.v05 import Image, ImageLabel, Labels
 
 from factory.data.ctrate import read_split
+from factory.data.transforms import preprocessing, sample
+from factory.models.checkpoint import load_checkpoint
 from factory.pipeline import VolumeWriter, prepare_run
 from factory.store.cohort import CohortExistsError, CohortStore
 from factory.store.export import export_nifti
@@ -236,6 +238,7 @@ def test_export_nifti_in_ct_rate_layout_reads_back(written, tmp_path):
     assert export_nifti(cohort, tmp_path / "nifti", ids=ids, split="synth") == 2
     records = read_split(tmp_path / "nifti", "synth")  # ct-factory's own CT-RATE reader
     assert len(records) == 2
+    overlap = False
     for record, row in zip(records, [rows[1], rows[3]], strict=True):
         image = nib.load(record.image)
         stored = cohort.volume(row["volume_id"])
@@ -244,7 +247,18 @@ def test_export_nifti_in_ct_rate_layout_reads_back(written, tmp_path):
         assert np.allclose(image.affine, stored.affine)
         assert record.findings == row["prompt"]
         assert record.labels == tuple(int(row[c]) for c in cohort.manifest.columns[2:20])
-        assert nib.load(record.mask).get_fdata().max() <= len(stored.masks)
+        # The training preprocessing reads the label map through its legend and gives back the
+        # stored anatomy channels voxel for voxel, overlaps included (random weights overlap).
+        config = load_checkpoint(run.settings["model"]).config
+        data = preprocessing(config, with_masks=True)(sample(record))
+        channels = np.asarray(data["mask"])
+        assert channels.shape[0] == len(config.diffusion.anatomy_channels) == len(stored.masks)
+        for k, name in enumerate(config.diffusion.anatomy_channels):
+            assert np.array_equal(channels[k], stored.masks[name]), name
+        overlap |= bool((channels.sum(axis=0) > 1).any())
+    assert overlap, "the check needs a voxel in two channels"
+    legend = json.loads((tmp_path / "nifti" / "masks" / "labels.json").read_text())
+    assert legend == {"1": "lungs", "2": "heart", "3": "lungs+heart"}
     with pytest.raises(KeyError, match="nope"):
         export_nifti(cohort, tmp_path / "x", ids=["nope"])
 

@@ -9,6 +9,7 @@ so a resumed run sees the same texts.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -35,6 +36,7 @@ def record_row(record: Record, masks: bool) -> dict:
         "name": record.name,
         "image": str(record.image),
         "mask": str(record.mask) if masks else "",
+        "legend": json.dumps(record.legend) if masks else "",  # a Ray Data column: text
         "slope": float(record.rescale[0]),
         "intercept": float(record.rescale[1]),
         "report": record.report,
@@ -76,6 +78,7 @@ def load_row(row: dict, model: str) -> dict:
             findings="",
             impression="",
             mask=row["mask"] or None,
+            legend={int(k): v for k, v in json.loads(row["legend"]).items()} if masks else None,
             rescale=(float(row["slope"]), float(row["intercept"])),
         )
     )

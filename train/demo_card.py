@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from factory import vocab
+from factory.anatomy import read_legend
 from factory.evaluate.measure import (
     DENSE_HU,
     HEART_DILATION,
@@ -46,6 +47,7 @@ from factory.evaluate.measure import (
     zone_percentile,
     zones,
 )
+from factory.geometry import Grid
 from factory.models.checkpoint import (
     CARD_JSON,
     CARD_MARKDOWN,
@@ -60,7 +62,6 @@ from factory.models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from factory.phantom.grid import Grid
 
 LUNG_WINDOW = (-1000.0, 200.0)
 PARENCHYMA_WINDOW = (-1000.0, -700.0)  # aerated lung only: shows changes in lung density
@@ -616,8 +617,8 @@ def run(args: argparse.Namespace) -> int:
             f"{grid.shape}; use the dataset the model was trained on"
         )
     try:
-        zone_masks = zones(label_maps)
-    except ValueError as exc:
+        zone_masks = zones(label_maps, read_legend(args.data / "masks"))
+    except ValueError as exc:  # LegendError too
         raise InputError(f"{args.data / 'masks' / 'valid'}: {exc}") from None
     real_hu = quartiles(read_nifti(p) for p in volumes_paths)
     print(

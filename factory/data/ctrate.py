@@ -8,14 +8,14 @@ volumes are loaded lazily by the transforms, so an index of 50,000 volumes is sm
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from factory import vocab
-from factory.store.nifti import write_atomic
+from factory.anatomy import LegendError, read_legend
+from factory.data.nifti import write_atomic
 
 REPORTS = "radiology_text_reports/{split}_reports.csv"
 LABELS = "multi_abnormality_labels/{split}_predicted_labels.csv"
@@ -49,6 +49,7 @@ class Record:
     findings: str
     impression: str
     mask: Path | None = None
+    legend: dict[int, str] | None = field(default=None, compare=False)  # the mask's labels.json
     age: int | None = None
     sex: str | None = None
     rescale: tuple[float, float] = (1.0, 0.0)  # (slope, intercept) from the metadata
@@ -101,6 +102,7 @@ def read_split(root: str | Path, split: str = "train") -> list[Record]:
     if bad.any():
         first = labels["VolumeName"][bad].iloc[0]
         raise DatasetError(f"{root / LABELS.format(split=split)}: labels must be 0 or 1 ({first})")
+    legend = _legend(root, split, labels["VolumeName"])
     records = []
     for row, (_, lab) in zip(labels["VolumeName"], values.iterrows(), strict=True):
         if row not in reports.index:
@@ -114,7 +116,8 @@ def read_split(root: str | Path, split: str = "train") -> list[Record]:
                 labels=tuple(int(v) for v in lab),
                 findings=_text(rep["Findings_EN"]),
                 impression=_text(rep["Impressions_EN"]),
-                mask=_mask(root, split, row),
+                mask=(mask := _mask(root, split, row)),
+                legend=legend if mask is not None else None,
                 age=_age(info),
                 sex=_field(info, "PatientSex"),
                 rescale=(
@@ -139,10 +142,14 @@ def locate(root: Path, split: str, name: str) -> Path:
     raise DatasetError(f"{root}: volume {name} not found as {flat} nor in CT-RATE's nested folders")
 
 
-def mask_labels(root: str | Path) -> dict[int, str]:
-    """The anatomy label legend of a phantom dataset (``masks/labels.json``), or empty."""
-    path = Path(root) / "masks" / "labels.json"
-    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+def _legend(root: Path, split: str, names) -> dict[int, str] | None:
+    """The legend of the split's label maps (``masks/labels.json``), if it has any masks."""
+    if not any(_mask(root, split, name) is not None for name in names):
+        return None
+    try:
+        return read_legend(root / "masks")
+    except LegendError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _csv(root: Path, relative: str, columns: tuple[str, ...]) -> pd.DataFrame:

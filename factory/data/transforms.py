@@ -20,10 +20,10 @@ from monai.transforms import (
     Spacingd,
 )
 
+from factory.anatomy import channels_from_labels
 from factory.data.ctrate import DatasetError, Record
 from factory.models.config import ModelConfig
 from factory.models.intensity import hu_to_unit
-from factory.phantom.anatomy import ANATOMY_GROUPS
 
 AIR_THRESHOLD_HU = -500.0  # any CT of a chest has air well below this
 
@@ -75,7 +75,11 @@ class UnitIntensityd(MapTransform):
 
 
 class AnatomyChannelsd(MapTransform):
-    """A label map (1, X, Y, Z) -> one uint8 channel per anatomy group (C, X, Y, Z)."""
+    """A label map (1, X, Y, Z) -> one uint8 channel per anatomy channel (C, X, Y, Z).
+
+    The map is read through its legend (``{key}_legend`` in the item: value -> name), so a
+    phantom's structure labels and an export's channel labels give the same channels.
+    """
 
     def __init__(self, keys, channels: tuple[str, ...]):
         super().__init__(keys)
@@ -84,10 +88,11 @@ class AnatomyChannelsd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            labels = d[key][0]
-            d[key] = torch.stack(
-                [torch.isin(labels, torch.tensor(ANATOMY_GROUPS[c])) for c in self.channels]
-            ).to(torch.uint8)
+            legend = d.get(f"{key}_legend")
+            if not legend:
+                raise DatasetError(f"{d.get('name', key)}: label map without a legend")
+            labels = np.asarray(d[key][0])
+            d[key] = torch.from_numpy(channels_from_labels(labels, legend, self.channels))
         return d
 
 
@@ -96,6 +101,7 @@ def sample(record: Record) -> dict:
     item = {"image": str(record.image), "rescale": record.rescale, "name": record.name}
     if record.mask is not None:
         item["mask"] = str(record.mask)
+        item["mask_legend"] = record.legend
     return item
 
 

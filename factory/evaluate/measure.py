@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage, stats
 
-from factory.phantom.anatomy import ANATOMY_GROUPS
+from factory.anatomy import MASK_LABELS, channels_from_labels
 
 DENSE_HU = -300.0  # fluid, consolidation and heart are denser; aerated lung is not
 LAA_HU = -950.0  # %LAA-950, the usual CT emphysema index
@@ -74,11 +74,17 @@ def finding_rows() -> list[tuple[str, str, str, int]]:
     ]
 
 
-def zones(label_maps: Iterable[np.ndarray], heart_dilation: int = HEART_DILATION) -> dict:
-    """Fixed measuring zones from phantom anatomy label maps (same grid): see ``zones_from``."""
+def zones(
+    label_maps: Iterable[np.ndarray],
+    legend: Mapping[int, str] = MASK_LABELS,
+    heart_dilation: int = HEART_DILATION,
+) -> dict:
+    """Fixed measuring zones from anatomy label maps (same grid, read through ``legend``, the
+    phantom's by default): see ``zones_from``."""
+    pair = ("lungs", "heart")
     return zones_from(
         (
-            {g: np.isin(labels, ANATOMY_GROUPS[g]) for g in ("lungs", "heart")}
+            dict(zip(pair, channels_from_labels(labels, legend, pair), strict=True))
             for labels in label_maps
         ),
         heart_dilation,

@@ -13,9 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory import vocab
+from factory.anatomy import ANATOMY_CHANNELS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-ANATOMY_CHANNELS: tuple[str, ...] = ("lungs", "airway", "vessels", "heart")
 
 
 class ConfigError(ValueError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from factory.geometry import Grid
 from factory.models.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
 from factory.models.config import ModelConfig
 from factory.models.diffusion import TextConditionedUNet
@@ -23,7 +24,6 @@ from factory.models.negation import Negations, conditioning
 from factory.models.samplers import check_settings, default_scheduler, guided, sample
 from factory.models.text import TextEncoder
 from factory.models.vae import LatentCodec, build_vae
-from factory.phantom.grid import Grid
 
 
 class RequestError(ValueError):

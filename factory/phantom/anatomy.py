@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from factory.phantom.grid import Box, Canvas, occupancy, smooth_noise
+from factory.anatomy import LOBE_CODES
+from factory.geometry import Box
+from factory.phantom.canvas import Canvas, occupancy, smooth_noise
 from factory.phantom.shapes import (
     Segment,
     ellipsoid,
@@ -23,30 +25,6 @@ from factory.phantom.shapes import (
     tubes_occupancy,
 )
 
-# The anatomy label map written beside each volume (0 is background / other tissue).
-MASK_LABELS: dict[int, str] = {
-    1: "right_upper_lobe",
-    2: "right_middle_lobe",
-    3: "right_lower_lobe",
-    4: "left_upper_lobe",
-    5: "left_lower_lobe",
-    6: "airway",
-    7: "pulmonary_vessels",
-    8: "heart",
-    9: "aorta",
-    10: "bone",
-    11: "esophagus",
-}
-# MedSyn-style anatomy channels as unions of mask labels.
-ANATOMY_GROUPS: dict[str, tuple[int, ...]] = {
-    "lungs": (1, 2, 3, 4, 5),
-    "airway": (6,),
-    "vessels": (7,),
-    "heart": (8,),
-}
-LOBE_CODES: tuple[str, ...] = ("RUL", "RML", "RLL", "LUL", "LLL")
-LOBE_LABEL: dict[str, int] = {code: i + 1 for i, code in enumerate(LOBE_CODES)}
-LUNG_LABELS = (1, 2, 3, 4, 5)
 SIDES = ("right", "left")
 
 # Tissue values (HU) of the phantom.

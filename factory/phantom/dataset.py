@@ -26,14 +26,14 @@ import numpy as np
 from tqdm import tqdm
 
 from factory import vocab
+from factory.anatomy import LEGEND_FILE, MASK_LABELS, legend_bytes
 from factory.cohort import prompts
 from factory.data.ctrate import volume_name, write_tables
-from factory.phantom.anatomy import MASK_LABELS
-from factory.phantom.grid import Grid
+from factory.data.nifti import nifti_bytes, write_atomic
+from factory.geometry import Grid
 from factory.phantom.labels import sample_population
 from factory.phantom.preview import montage
 from factory.phantom.render import HU_MAX, HU_MIN, render_phantom
-from factory.store.nifti import nifti_bytes, write_atomic
 
 DEFAULT_FOV_MM = (380.0, 380.0, 320.0)
 MIN_FOV_MM = (300.0, 300.0, 160.0)
@@ -225,7 +225,7 @@ def write_dataset(settings: PhantomSettings, out: Path, workers: int = 1) -> dic
         [r["report"] for r in rows],
         [r["meta"] for r in rows],
     )
-    write_atomic(out / "masks" / "labels.json", json.dumps(MASK_LABELS, indent=1).encode())
+    write_atomic(out / "masks" / LEGEND_FILE, legend_bytes(MASK_LABELS))
     manifest_path = out / "dataset.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(

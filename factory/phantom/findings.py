@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from factory.phantom.anatomy import LOBE_CODES, LOBE_LABEL, LUNG_LABELS, SIDES, Anatomy, Subject
-from factory.phantom.grid import Box, Canvas, occupancy, smooth_noise
+from factory.anatomy import LOBE_CODES, LOBE_LABEL, LUNG_LABELS
+from factory.geometry import Box
+from factory.phantom.anatomy import SIDES, Anatomy, Subject
+from factory.phantom.canvas import Canvas, occupancy, smooth_noise
 from factory.phantom.shapes import (
     Segment,
     ellipsoid,

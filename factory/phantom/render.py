@@ -14,10 +14,12 @@ import numpy as np
 from scipy import ndimage
 
 from factory import vocab
+from factory.anatomy import ANATOMY_GROUPS, LUNG_LABELS, MASK_LABELS
 from factory.evaluate.measure import cardiothoracic_ratio, laa950_pct
-from factory.phantom.anatomy import LUNG_LABELS, MASK_LABELS, Anatomy, sample_subject
+from factory.geometry import Grid
+from factory.phantom.anatomy import Anatomy, sample_subject
+from factory.phantom.canvas import Canvas
 from factory.phantom.findings import RENDERERS
-from factory.phantom.grid import Canvas, Grid
 
 HU_MIN, HU_MAX = -1024, 3071
 REFERENCE_VOXEL_MM3 = 0.75 * 0.75 * 1.5  # noise levels are quoted at CT-RATE's voxel size
@@ -97,7 +99,7 @@ def scanner(
 def measure(image: np.ndarray, labels: np.ndarray, grid: Grid) -> dict:
     """Physical measurements that need no network (MedSyn-style): CTR, %LAA-950, volumes."""
     lung = np.isin(labels, LUNG_LABELS)
-    heart = labels == 8
+    heart = np.isin(labels, ANATOMY_GROUPS["heart"])
 
     ctr = cardiothoracic_ratio(lung, heart)
     return {

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from factory.phantom.grid import Box, Grid, occupancy
+from factory.geometry import Box, Grid
+from factory.phantom.canvas import occupancy
 
 
 def _safe(g: np.ndarray) -> np.ndarray:

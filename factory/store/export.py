@@ -1,33 +1,25 @@
 """A cohort (or some of its volumes) as NIfTI in CT-RATE layout, for tools that read files.
 
 ``{out}/{split}/{name}`` int16 HU with the stored affine; ``masks/{split}/{name}`` a uint8
-label map of the anatomy channels (``masks/labels.json``; where channels overlap the later one
-wins); the labels, reports (the prompt as ``Findings_EN``) and metadata CSVs, with each
-volume's cohort id and seed as extra metadata columns. ct-factory's own training reads it.
+label map of the anatomy channels with its legend ``masks/labels.json`` (``factory.anatomy``:
+channel k is k + 1, and a voxel in several channels has the value of that set, so nothing is
+lost where channels overlap); the labels, reports (the prompt as ``Findings_EN``) and metadata
+CSVs, with each volume's cohort id and seed as extra metadata columns. ct-factory's own
+training reads it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from factory import vocab
+from factory.anatomy import LEGEND_FILE, legend_bytes, pack_channels
 from factory.data.ctrate import volume_name, write_tables
+from factory.data.nifti import nifti_bytes, write_atomic
 from factory.store.cohort import CohortStore
-from factory.store.nifti import nifti_bytes, write_atomic
-
-
-def label_map(masks: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[int, str]]:
-    """Channel masks -> one uint8 label map (channel k has value k + 1) and its legend."""
-    names = list(masks)
-    out = np.zeros(next(iter(masks.values())).shape, np.uint8) if names else None
-    for k, name in enumerate(names):
-        out[masks[name] > 0] = k + 1
-    return out, {k + 1: name for k, name in enumerate(names)}
 
 
 def export_nifti(
@@ -52,7 +44,7 @@ def export_nifti(
         name = volume_name(split, int(row["index"]))
         write_atomic(out / split / name, nifti_bytes(volume.hu, volume.affine))
         if volume.masks:
-            packed, legend = label_map(volume.masks)
+            packed, legend = pack_channels(volume.masks)
             write_atomic(out / "masks" / split / name, nifti_bytes(packed, volume.affine))
         labels.append({"VolumeName": name, **{c: int(row[c]) for c in vocab.COLUMNS}})
         reports.append({"VolumeName": name, "Findings_EN": row["prompt"], "Impressions_EN": ""})
@@ -69,5 +61,5 @@ def export_nifti(
         )  # fmt: skip
     write_tables(out, split, labels, reports, metadata)
     if legend:
-        write_atomic(out / "masks" / "labels.json", json.dumps(legend, indent=1).encode())
+        write_atomic(out / "masks" / LEGEND_FILE, legend_bytes(legend))
     return len(labels)
