@@ -69,7 +69,7 @@ def throughput(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec = spec_file(Path(tmp), args.n, args.model, str(Path(tmp) / "cohort"))
         run = prepare_run(str(spec))
-        sampler = run.settings["sampler"]
+        sampler = run.settings.sampler
         rows = run.todo.to_pylist()
         start = time.perf_counter()
         gen = Generator.load(args.model)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from factory.errors import CtFactoryError
+
 LEGEND_FILE = "labels.json"  # beside the label maps: masks/labels.json
 JOIN = "+"  # a label value that stands for several channels: "lungs+vessels"
 
@@ -55,7 +57,7 @@ ANATOMY_GROUPS: dict[str, tuple[int, ...]] = {
 }
 
 
-class LegendError(ValueError):
+class LegendError(CtFactoryError, ValueError):
     """A label map or legend that cannot be read; the message names the file and what is valid."""
 
 

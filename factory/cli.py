@@ -3,8 +3,8 @@
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func=run(args) -> int``. Packages built on ``factory`` (``train``, ``serve``) add their
 commands through the ``ctfactory.commands`` entry-point group: ``factory`` never imports
-them. Bad input raises :class:`UsageError`, printed as one line naming the option and what is
-valid, with exit code 2 and no traceback.
+them. Bad input raises a :class:`factory.errors.CtFactoryError`, printed as one line naming
+the file, key or option and what is valid, with exit code 2 and no traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
+from factory.console import HelpFormatter, report_errors
+
 # Command modules in the order ``ctfactory --help`` lists them; plug-ins follow, by name.
 COMMAND_MODULES: tuple[str, ...] = (
     "factory.phantom.cli",
@@ -24,14 +26,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "factory.evaluate.cli",
 )
 PLUGIN_GROUP = "ctfactory.commands"
-
-
-class UsageError(Exception):
-    """Bad input from the command line or a file: reported as one line, exit code 2."""
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep example blocks as written and show defaults."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,14 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UsageError as exc:
-        print(f"ctfactory {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ctfactory {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return report_errors(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

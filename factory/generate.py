@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factory.cli import HelpFormatter, UsageError
+from factory.console import HelpFormatter
+from factory.errors import UsageError
 from factory.store.cli import add_storage_args, storage_options
 
 EXAMPLES = """examples:
@@ -72,24 +73,20 @@ def root_cause(exc: BaseException) -> BaseException:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from factory.cohort.spec import SpecError
-    from factory.models.checkpoint import CheckpointError
-    from factory.models.samplers import SamplerError
     from factory.pipeline import GenerationError, generate_cohort, prepare_run
     from factory.report import write_report
     from factory.store.cohort import CohortStore
-    from factory.store.fs import StoreError
 
     _check(args)
     try:
         run = prepare_run(
             args.spec, args.out, storage_options(args), limit=args.limit, overwrite=args.overwrite
         )
-    except (SpecError, CheckpointError, SamplerError, StoreError, OSError) as exc:
+    except OSError as exc:  # the spec file or a local output that cannot be read or made
         raise UsageError(str(exc)) from None
     todo = run.todo.num_rows
     print(
-        f"cohort {run.settings['cohort_id']}: {run.plan.n:,} planned, {run.done_before:,} already "
+        f"cohort {run.settings.cohort_id}: {run.plan.n:,} planned, {run.done_before:,} already "
         f"in {run.url} ({run.state}), {todo:,} to generate with {args.workers} worker(s)"
     )
     with tqdm(total=todo, unit="vol", desc="generate", mininterval=1.0, smoothing=0.1) as bar:

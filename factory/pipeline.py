@@ -9,30 +9,26 @@ through the object store or the driver: actors write them and return small rows.
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory.store.cohort import MANIFEST_SCHEMA, CohortStore, now
+from factory.errors import CtFactoryError
+from factory.schema import RECORD_KEYS, RESULT_SCHEMA, RunSettings
+from factory.seeds import attempt_seed
+from factory.store.cohort import CohortStore, now
 from factory.store.fs import StoreError, ref_options, retrying
 from factory.store.layout import FORMAT, intensity_stats, write_volume
 
-# What an actor returns per volume: its manifest row, "written", "skipped" (committed before)
-# or "failed" (a write fault that retries did not mend), and the error of a failed one.
-RESULT_SCHEMA = MANIFEST_SCHEMA.append(pa.field("status", pa.string())).append(
-    pa.field("error", pa.string())
-)
-RECORD_KEYS = ("volume_id", "index", "prompt", "seed", "age", "sex", "profile")
 MANIFEST_FLUSH_ROWS = 1000  # the driver appends a manifest part every this many volumes...
 MANIFEST_FLUSH_S = 30.0  # ... or this many seconds, whichever comes first
 
 
-class GenerationError(RuntimeError):
+class GenerationError(CtFactoryError, RuntimeError):
     """A volume that could not be stored; the message names it and the cause."""
 
 
@@ -42,7 +38,7 @@ class Run:
 
     url: str
     storage_options: dict
-    settings: dict  # recorded at the cohort root; actors get them too
+    settings: RunSettings  # recorded at the cohort root; actors get them too
     plan: object  # factory.cohort.plan.Plan
     todo: pa.Table  # plan rows still to generate
     state: str  # created / resumed / overwritten
@@ -78,7 +74,7 @@ class Totals:
             self.bytes_raw += r["bytes_raw"]
 
 
-def run_settings(spec, plan, checkpoint, classifier=None) -> dict:
+def run_settings(spec, plan, checkpoint, classifier=None) -> RunSettings:
     """The settings recorded at the cohort root; two runs with equal identity keys (plan hash,
     model hash, sampler, grid, verification) make the same volumes."""
     from importlib.metadata import version
@@ -86,26 +82,26 @@ def run_settings(spec, plan, checkpoint, classifier=None) -> dict:
     from factory.models.samplers import default_scheduler
 
     config = checkpoint.config
-    return {
-        "format": FORMAT,
-        "cohort_id": spec.cohort.id,
-        "n": plan.n,
-        "plan_hash": plan.plan_hash,
-        "spec": json.loads(spec.canonical_json()),
-        "model": spec.model,
-        "model_hash": checkpoint.hash,
-        "model_name": checkpoint.card.name,
-        "sampler": {
+    return RunSettings(
+        format=FORMAT,
+        cohort_id=spec.cohort.id,
+        n=plan.n,
+        plan_hash=plan.plan_hash,
+        spec=json.loads(spec.canonical_json()),
+        model=spec.model,
+        model_hash=checkpoint.hash,
+        model_name=checkpoint.card.name,
+        sampler={
             **spec.sampler.model_dump(),
             "scheduler": spec.sampler.scheduler or default_scheduler(config.diffusion),
         },
-        "grid": {"shape": list(config.size), "spacing_mm": list(config.spacing_mm)},
-        "anatomy_channels": list(config.diffusion.anatomy_channels),
-        "hu_window": list(config.hu_window),
-        "verify": verify_settings(spec, checkpoint, classifier) if classifier else None,
-        "ct_factory_version": version("ct-factory"),
-        "created": now(),
-    }
+        grid={"shape": list(config.size), "spacing_mm": list(config.spacing_mm)},
+        anatomy_channels=list(config.diffusion.anatomy_channels),
+        hu_window=list(config.hu_window),
+        verify=verify_settings(spec, checkpoint, classifier) if classifier else None,
+        ct_factory_version=version("ct-factory"),
+        created=now(),
+    )
 
 
 def verify_settings(spec, model, classifier) -> dict:
@@ -210,7 +206,7 @@ class VolumeWriter:
         self,
         url: str,
         storage_options: dict,
-        settings: Mapping,
+        settings: RunSettings,
         threads: int | None = None,
         loader: Callable = load_generator,
     ):
@@ -218,21 +214,21 @@ class VolumeWriter:
 
         if threads:
             torch.set_num_threads(threads)
-        self.settings = dict(settings)
-        self.generator = loader(settings["model"], storage_options)
-        if self.generator.model_hash != settings["model_hash"]:
+        self.settings = settings
+        self.generator = loader(settings.model, storage_options)
+        if self.generator.model_hash != settings.model_hash:
             raise RuntimeError(
-                f"model {settings['model']}: hash {self.generator.model_hash[:16]} on this "
-                f"worker but {settings['model_hash'][:16]} on the driver; install the same model "
+                f"model {settings.model}: hash {self.generator.model_hash[:16]} on this "
+                f"worker but {settings.model_hash[:16]} on the driver; install the same model "
                 "on every node"
             )
         self.store = CohortStore(url, storage_options)
         self.volumes = self.store.volumes("r+")
         self.verifier = None
-        if settings.get("verify"):
+        if settings.verify:
             from factory.evaluate.verify import Verifier
 
-            v = settings["verify"]
+            v = settings.verify
             self.verifier = Verifier(
                 v["classifier"],
                 v["findings"],
@@ -270,10 +266,9 @@ class VolumeWriter:
     def _generate(self, rows: list[dict]) -> tuple[list, list[dict]]:
         """The rows' volumes and, per volume, its verification fields (empty without a
         ``verify`` block): failing volumes are generated again, batched, attempt by attempt."""
-        from factory.evaluate.verify import attempt_seed
         from factory.models.generator import Request
 
-        s = self.settings["sampler"]
+        s = self.settings.sampler
 
         def generate(idx: list[int], attempt: int) -> list:
             requests = [
@@ -294,7 +289,7 @@ class VolumeWriter:
             return volumes, [{} for _ in rows]
         checks = self.verifier.check([v.hu for v in volumes], rows)
         attempts = [1] * len(rows)
-        for attempt in range(2, self.settings["verify"]["max_attempts"] + 1):
+        for attempt in range(2, self.settings.verify["max_attempts"] + 1):
             again = [i for i in everyone if not checks[i].passed]
             if not again:
                 break
@@ -321,7 +316,7 @@ class VolumeWriter:
             **{k: row[k] for k in RECORD_KEYS},
             "labels": {c: int(row[c]) for c in _finding_columns()},
             "attributes": json.loads(row["attributes"]),
-            "model": self.settings["model"],
+            "model": self.settings.model,
             "model_hash": volume.model_hash,
             "sampler": volume.sampler,
             "verification": verdict or None,
@@ -330,7 +325,7 @@ class VolumeWriter:
             f"volume {vid}: writing its arrays",
             lambda: write_volume(
                 self.volumes, vid, volume.hu, volume.masks, volume.affine, volume.spacing,
-                self.settings["hu_window"], record,
+                self.settings.hu_window, record,
             ),
         )  # fmt: skip
         stored = retrying(
@@ -367,11 +362,6 @@ def blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
-def local_threads(workers: int) -> int:
-    """Torch threads per CPU actor on this machine: the cores shared among the actors."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
 def generate_cohort(
     run: Run,
     workers: int = 1,
@@ -386,7 +376,7 @@ def generate_cohort(
     """
     import ray
 
-    from factory.raycluster import init_ray
+    from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray
 
     totals = Totals()
     if run.todo.num_rows == 0:
@@ -394,8 +384,8 @@ def generate_cohort(
     init_ray(workers)
     gpus = gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    threads = None if gpus else local_threads(workers)
+        gpus = 1.0 if cluster_has_gpus() else 0.0
+    threads = None if gpus else cpu_threads(workers)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours shows volumes, rate and ETA
     ds = ray.data.from_arrow(blocks(run.todo, batch_size))

@@ -7,21 +7,16 @@ per finding (axial, coronal, sagittal, lung window) with their prompts.
 
 from __future__ import annotations
 
-import io
 import json
 import textwrap
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from factory import vocab
 from factory.cohort.summary import findings_lines
-from factory.phantom.preview import WINDOWS, planes
 from factory.store.cohort import REPORT, CohortStore
+from factory.viz import WINDOWS, aspects, figure_png, limits, planes, pyplot, show_plane
 
 NO_FINDING = "No finding"
 
@@ -45,9 +40,9 @@ def montage_png(store: CohortStore, manifest: pd.DataFrame, per_finding: int = 2
     """Rows of findings, each with ``per_finding`` volumes in three planes and their prompts."""
     picks = montage_picks(manifest, per_finding)
     prompts = dict(zip(manifest["volume_id"], manifest["prompt"], strict=True))
-    level, width = WINDOWS["lung"]
+    window = limits(*WINDOWS["lung"])
     cols = 3 * per_finding
-    fig, axes = plt.subplots(
+    fig, axes = pyplot().subplots(
         len(picks), cols, figsize=(2.2 * cols, 2.9 * len(picks)), dpi=90, squeeze=False
     )
     for r, (finding, ids) in enumerate(picks):
@@ -57,18 +52,10 @@ def montage_png(store: CohortStore, manifest: pd.DataFrame, per_finding: int = 2
             if k >= len(ids):
                 continue
             volume = store.volume(ids[k], masks=False)
-            sx, sy, sz = volume.spacing
-            aspects = (sy / sx, sz / sx, sz / sy)
+            ratio = aspects(volume.spacing)
             for p, (plane, image) in enumerate(planes(volume.hu).items()):
                 ax = axes[r, 3 * k + p]
-                ax.imshow(
-                    image,
-                    cmap="gray",
-                    vmin=level - width / 2,
-                    vmax=level + width / 2,
-                    aspect=aspects[p],
-                    interpolation="nearest",
-                )
+                show_plane(ax, image, window, ratio[plane])
                 ax.set_title(plane, fontsize=7)
             caption = textwrap.shorten(prompts[ids[k]], 150, placeholder=" ...")
             axes[r, 3 * k + 1].text(
@@ -81,10 +68,7 @@ def montage_png(store: CohortStore, manifest: pd.DataFrame, per_finding: int = 2
         )  # fmt: skip
     fig.suptitle(f"{store.url}: {len(manifest):,} volumes, lung window", fontsize=9)
     fig.tight_layout(rect=(0.02, 0, 1, 0.97), h_pad=3.0)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def summary(plan, manifest: pd.DataFrame, totals, run) -> tuple[str, dict]:
@@ -110,14 +94,14 @@ def summary(plan, manifest: pd.DataFrame, totals, run) -> tuple[str, dict]:
         "write_s_per_volume": totals.write_s / totals.written if totals.written else None,
         "per_finding": {c: int(v) for c, v in zip(vocab.COLUMNS, in_cohort, strict=True)},
     }
-    verification = verification_rates(manifest, run.settings.get("verify"))
+    verification = verification_rates(manifest, run.settings.verify)
     if verification is not None:
         facts["verification"] = verification
     per_volume = stored / len(manifest) if len(manifest) else 0
     lines = [
-        f"cohort {run.settings['cohort_id']} at {run.url} ({run.state})",
-        f"model {run.settings['model']} ({run.settings['model_hash'][:12]}), sampler "
-        + ", ".join(f"{k} {v}" for k, v in run.settings["sampler"].items()),
+        f"cohort {run.settings.cohort_id} at {run.url} ({run.state})",
+        f"model {run.settings.model} ({run.settings.model_hash[:12]}), sampler "
+        + ", ".join(f"{k} {v}" for k, v in run.settings.sampler.items()),
         "",
         *findings_lines(plan, in_cohort),
         "",

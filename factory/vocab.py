@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from factory.errors import CtFactoryError
 
-class VocabError(ValueError):
+
+class VocabError(CtFactoryError, ValueError):
     """A finding name or attribute that the vocabulary does not admit."""
 
 

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from factory import vocab
 from factory.models.checkpoint import CheckpointError, describe
+from factory.raycluster import cluster_has_gpus
 from serve.config import ServeConfig, parse_serve_config
 from serve.generator import GeneratorDeployment, Result
 from serve.schemas import (
@@ -331,9 +332,7 @@ def gpus_per_replica(cfg: ServeConfig) -> float:
     """``auto``: one GPU per generator replica when the connected cluster has GPUs."""
     if cfg.gpus_per_replica != "auto":
         return float(cfg.gpus_per_replica)
-    import ray
-
-    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if cluster_has_gpus() else 0.0
 
 
 def build_app(args: dict) -> Application:

@@ -10,7 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-from factory.cli import HelpFormatter, UsageError
+from factory.console import HelpFormatter
+from factory.errors import UsageError
 from serve.config import ServeConfigError, parse_serve_config, read_app_args
 
 DEFAULT_CONFIG = Path(__file__).parent / "config.yaml"
@@ -69,10 +70,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
         app_args["models"] = models
     if args.default_model:
         app_args["default_model"] = args.default_model
-    try:
-        parse_serve_config(app_args, f"{args.config}: applications[0].args")
-    except ServeConfigError as exc:
-        raise UsageError(str(exc)) from None
+    parse_serve_config(app_args, f"{args.config}: applications[0].args")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: expected 1-65535")
     return app_args

@@ -13,10 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from factory.errors import CtFactoryError
+
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(CtFactoryError, ValueError):
     """A serving config that cannot be used; the message names the file and key."""
 
 

@@ -16,8 +16,8 @@ import zarr
 from PIL import Image, ImageDraw
 
 from factory.models.generator import Volume
-from factory.phantom.preview import WINDOWS, planes
 from factory.store.layout import write_volume
+from factory.viz import WINDOWS, planes, windowed
 
 MEDIA_TYPES = {
     "nifti": "application/gzip",
@@ -53,11 +53,6 @@ def zarr_zip_bytes(volume: Volume, volume_id: str, hu_window, record: dict) -> b
         return buffer.getvalue()
 
 
-def _windowed(image: np.ndarray, level: float, width: float) -> np.ndarray:
-    low = level - width / 2
-    return (np.clip((image - low) / width, 0, 1) * 255).astype(np.uint8)
-
-
 def preview_png(volume: Volume, caption: str = "") -> bytes:
     """2 x 3 grid: lung and mediastinal windows x axial, coronal, sagittal mid-planes."""
     sx, sy, sz = volume.spacing
@@ -71,7 +66,7 @@ def preview_png(volume: Volume, caption: str = "") -> bytes:
             h, w = image.shape
             scale = PREVIEW_PX / max(h * row_mm, w * col_mm)
             size = (max(1, round(w * col_mm * scale)), max(1, round(h * row_mm * scale)))
-            tile = Image.fromarray(_windowed(image, level, width)).resize(size, Image.BILINEAR)
+            tile = Image.fromarray(windowed(image, level, width)).resize(size, Image.BILINEAR)
             row.append(tile)
         tiles.append(row)
     pad, text_h = 4, 16 if caption else 0

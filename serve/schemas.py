@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from factory import vocab
 from factory.cohort.prompts import build_prompt
+from factory.errors import CtFactoryError
 from factory.models.generator import Request
 from serve.config import ServeConfig
 
@@ -30,7 +31,7 @@ MAX_SEED = 2**53 - 1  # exact in JSON numbers and JavaScript
 AttributeValue = str | int | float
 
 
-class FieldError(ValueError):
+class FieldError(CtFactoryError, ValueError):
     """A request field that cannot be served: answered with 422 naming ``field``."""
 
     def __init__(self, field: str, message: str):

@@ -25,10 +25,11 @@ from factory.cohort.allocate import (
     systematic_counts,
 )
 from factory.cohort.errors import PlanningError
-from factory.cohort.plan import make_plan, read_plan_metadata, volume_seeds
+from factory.cohort.plan import make_plan, read_plan_metadata
 from factory.cohort.raking import Margin, rake
 from factory.cohort.reference import Reference, sample_reference
 from factory.cohort.spec import CohortSpec, SpecError, format_path, load_spec, parse_spec
+from factory.seeds import volume_seeds
 
 COHORTS = Path(__file__).resolve().parents[1] / "cohorts"
 IDS = vocab.FINDING_IDS

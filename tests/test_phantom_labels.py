@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from factory import vocab
-from factory.phantom.labels import sample_population
+from factory.population import sample_population
 
 N = 40_000
 

@@ -71,11 +71,11 @@ def test_cli_config_overrides():
     args = config_from_args(ns)
     assert args["models"] == {"demo": "builtin:demo", "big": "s3://m/big"}
     assert args["default_model"] == "big"
-    from factory.cli import UsageError
+    from factory.errors import CtFactoryError, UsageError
 
     with pytest.raises(UsageError, match="expected ID=REF"):
         config_from_args(argparse.Namespace(**{**vars(ns), "model": ["big"]}))
-    with pytest.raises(UsageError, match="default_model 'x' is not in models"):
+    with pytest.raises(CtFactoryError, match="default_model 'x' is not in models"):
         config_from_args(argparse.Namespace(**{**vars(ns), "default_model": "x"}))
 
 

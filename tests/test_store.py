@@ -110,9 +110,9 @@ def test_commit_protocol_status_and_verify(written):
     assert (status.planned, status.done, status.partial, status.missing) == (6, 4, 0, 2)
     # The manifest carries the labels under CT-RATE column names and the provenance.
     row = cohort.manifest.iloc[0]
-    assert row["Pleural effusion"] in (0, 1) and row["model_hash"] == run.settings["model_hash"]
+    assert row["Pleural effusion"] in (0, 1) and row["model_hash"] == run.settings.model_hash
     sampler = {"guidance": 3.0, "scheduler": "rectified_flow", "steps": 2}  # the model's own
-    assert json.loads(row["sampler"]) == sampler and run.settings["sampler"] == sampler
+    assert json.loads(row["sampler"]) == sampler and run.settings.sampler == sampler
     assert 0 < row["bytes_stored"] < row["bytes_raw"]
     # A retried batch never generates a committed volume again.
     again = writer(run.todo.slice(0, 2)).to_pylist()
@@ -249,7 +249,7 @@ def test_export_nifti_in_ct_rate_layout_reads_back(written, tmp_path):
         assert record.labels == tuple(int(row[c]) for c in cohort.manifest.columns[2:20])
         # The training preprocessing reads the label map through its legend and gives back the
         # stored anatomy channels voxel for voxel, overlaps included (random weights overlap).
-        config = load_checkpoint(run.settings["model"]).config
+        config = load_checkpoint(run.settings.model).config
         data = preprocessing(config, with_masks=True)(sample(record))
         channels = np.asarray(data["mask"])
         assert channels.shape[0] == len(config.diffusion.anatomy_channels) == len(stored.masks)

@@ -14,12 +14,12 @@ import yaml
 
 from factory.cohort.spec import SpecError
 from factory.evaluate.classifier import FindingClassifier
-from factory.evaluate.verify import attempt_seed
 from factory.models.checkpoint import ModelCard, save_checkpoint
 from factory.models.config import load_config
 from factory.models.generator import Generator, Request
 from factory.pipeline import Totals, VolumeWriter, prepare_run
 from factory.report import summary
+from factory.seeds import attempt_seed
 from factory.store.cohort import CohortStore
 from tests.store_helpers import small_model, write_spec
 from tests.train_helpers import SMALL_MODEL
@@ -80,7 +80,7 @@ def test_failing_volumes_are_resampled_and_every_attempt_recorded(model, tmp_pat
     # a volume labelled with effusion passes when its logit is >= 0, one without when < 0.
     target = None
     for row in rows:
-        first, second = _logits(classifier, model, row, run.settings["sampler"], (1, 2))
+        first, second = _logits(classifier, model, row, run.settings.sampler, (1, 2))
         if (second > first) == bool(row[EFFUSION]) and abs(second - first) > 1e-3:
             target = row
             break
@@ -91,7 +91,7 @@ def test_failing_volumes_are_resampled_and_every_attempt_recorded(model, tmp_pat
         tmp_path / "classifier", config, {"classifier": classifier.state_dict()}, ModelCard("c")
     )
     run = prepare_run(str(spec), overwrite=True)
-    assert run.settings["verify"]["findings"] == [EFFUSION]
+    assert run.settings.verify["findings"] == [EFFUSION]
 
     writer = VolumeWriter(run.url, {}, run.settings, threads=2)
     written = writer(run.todo).to_pylist()
@@ -107,7 +107,7 @@ def test_failing_volumes_are_resampled_and_every_attempt_recorded(model, tmp_pat
     volume = store.volume(target["volume_id"], masks=False)
     assert volume.record["verification"]["sample_seed"] == mine["sample_seed"]
     again = Generator.load(str(model), device="cpu").generate(
-        [Request(target["prompt"], int(mine["sample_seed"]), *run.settings["sampler"].values())]
+        [Request(target["prompt"], int(mine["sample_seed"]), *run.settings.sampler.values())]
     )[0]
     np.testing.assert_array_equal(volume.hu, again.hu)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from factory.cli import HelpFormatter, UsageError
-from factory.data.ctrate import DatasetError
-from factory.models.checkpoint import CheckpointError
-from train.config import TASKS, TrainConfigError, load_train_config
+from factory.console import HelpFormatter
+from factory.errors import UsageError
+from train.config import TASKS, load_train_config
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -99,7 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
     import yaml
 
     from train.curves import plot_curves, read_metrics
-    from train.launcher import LaunchError, launch
+    from train.launcher import launch
     from train.session import write_url
 
     try:
@@ -111,11 +110,8 @@ def run_train(args: argparse.Namespace) -> int:
         declared = None  # load_train_config reports it
     if declared not in (None, args.task):
         raise UsageError(f"--config {args.config} is for task {declared!r}, not {args.task!r}")
-    try:
-        cfg = load_train_config(args.config, overrides(args))
-        result = launch(cfg, resume=args.resume)
-    except (TrainConfigError, LaunchError, DatasetError, CheckpointError) as exc:
-        raise UsageError(str(exc)) from None
+    cfg = load_train_config(args.config, overrides(args))
+    result = launch(cfg, resume=args.resume)
     if result.error is not None:
         print(f"ctfactory train {args.task}: training failed: {result.error}")
         return 1
@@ -130,17 +126,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from train.export import ExportError, export_model
+    from train.export import export_model
 
-    try:
-        digest = export_model(
-            args.run,
-            args.out,
-            args.name,
-            description=args.description,
-            limitations=args.limitations,
-        )
-    except (ExportError, CheckpointError) as exc:
-        raise UsageError(str(exc)) from None
+    digest = export_model(
+        args.run,
+        args.out,
+        args.name,
+        description=args.description,
+        limitations=args.limitations,
+    )
     print(f"model: {args.out} (content hash {digest[:16]})")
     return 0

@@ -14,13 +14,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from factory.errors import CtFactoryError
 from factory.models.config import ModelConfig, load_config, presets
 
 TASKS: tuple[str, ...] = ("vae", "clip", "diffusion", "classifier")
 Task = Literal["vae", "clip", "diffusion", "classifier"]
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(CtFactoryError, ValueError):
     """A training config that cannot be used; the message names the file and field."""
 
 

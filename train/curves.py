@@ -3,10 +3,11 @@ norm, throughput and every evaluation metric)."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import fsspec
+
+from factory.viz import figure_png, pyplot
 
 
 def read_metrics(run: str, storage_options: dict | None = None) -> list[dict]:
@@ -28,11 +29,7 @@ def panel_groups(history: list[dict]) -> dict[str, list[str]]:
 
 def plot_curves(history: list[dict], title: str) -> bytes:
     """A PNG of the curves, one panel per quantity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = panel_groups(history)
     panels = ["loss", "lr", "grad_norm", "samples_per_s", *groups]
     cols = 3
@@ -58,7 +55,4 @@ def plot_curves(history: list[dict], title: str) -> bytes:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpis=(100,))

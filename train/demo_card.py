@@ -19,7 +19,6 @@ MODEL_DIR are written unchanged to OUT_DIR with the new card and one picture per
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 
 from factory import vocab
 from factory.anatomy import read_legend
+from factory.errors import CtFactoryError
 from factory.evaluate.measure import (
     DENSE_HU,
     HEART_DILATION,
@@ -62,6 +62,7 @@ from factory.models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from factory.viz import aspects, figure_png, planes, pyplot, show_plane
 
 LUNG_WINDOW = (-1000.0, 200.0)
 PARENCHYMA_WINDOW = (-1000.0, -700.0)  # aerated lung only: shows changes in lung density
@@ -155,7 +156,7 @@ PAIRS: tuple[Pair, ...] = (
 )
 
 
-class InputError(ValueError):
+class InputError(CtFactoryError, ValueError):
     """Bad input (a path that is not what it should be); the message names the path."""
 
 
@@ -289,31 +290,16 @@ def pair_figure(
 ) -> bytes:
     """PNG bytes: one column per (label, HU volume), axial and coronal rows, in ``window``.
 
-    Radiological convention (factory.phantom.preview.planes); shrinks until under
+    Radiological convention (factory.viz.planes); shrinks until under
     MAX_PNG_BYTES.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from factory.phantom.preview import planes
-
-    sx, sy, sz = spacing
-    aspects = {"axial": sy / sx, "coronal": sz / sx}
-    fig, axes = plt.subplots(2, len(panels), figsize=(2.1 * len(panels), 5.0), squeeze=False)
+    ratio = aspects(spacing)
+    fig, axes = pyplot().subplots(2, len(panels), figsize=(2.1 * len(panels), 5.0), squeeze=False)
     for col, (label, hu) in enumerate(panels):
         views = planes(np.asarray(hu), centre)
         for row, name in enumerate(("axial", "coronal")):
             ax = axes[row, col]
-            ax.imshow(
-                views[name],
-                cmap="gray",
-                vmin=window[0],
-                vmax=window[1],
-                aspect=aspects[name],
-                interpolation="nearest",
-            )
+            show_plane(ax, views[name], window, ratio[name])
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -322,15 +308,7 @@ def pair_figure(
         axes[1, 0].set_ylabel(f"coronal y={centre[1]}", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    data = b""
-    for dpi in (100, 80, 64, 50):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
-        data = buffer.getvalue()
-        if len(data) <= MAX_PNG_BYTES:
-            break
-    plt.close(fig)
-    return data
+    return figure_png(fig, dpis=(100, 80, 64, 50), max_bytes=MAX_PNG_BYTES)
 
 
 # ----- the card -------------------------------------------------------------------------------

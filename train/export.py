@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from factory.errors import CtFactoryError
 from factory.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from train import classifier, clip, diffusion, vae
 from train.config import TrainConfig
@@ -28,7 +29,7 @@ EXPORTS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(CtFactoryError, ValueError):
     """A run that cannot be exported; the message names the run and what is missing."""
 
 

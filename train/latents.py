@@ -22,6 +22,7 @@ import torch
 
 from factory.models.checkpoint import CheckpointError, load_checkpoint
 from factory.models.config import ModelConfig
+from factory.models.generator import default_device
 from factory.models.intensity import mask_to_latent
 from factory.models.vae import LatentCodec, build_vae
 from train.data import TEXT_COLUMNS, load_row
@@ -70,7 +71,7 @@ class LatentEncoder:
     def __init__(self, vae_ref: str, model: str, model_config: dict):
         self.model = model
         self.config = ModelConfig.model_validate(model_config)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.codec, _ = vae_codec(vae_ref, self.config)
         self.codec.to(self.device)
 

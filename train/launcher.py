@@ -17,7 +17,8 @@ from collections.abc import Callable
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from factory.raycluster import init_ray
+from factory.errors import CtFactoryError
+from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray
 from train import classifier, clip, diffusion, vae
 from train.config import TrainConfig, parse_workers
 from train.data import index_rows, load_row
@@ -32,7 +33,7 @@ TRAIN_FUNCS: dict[str, Callable] = {
 }
 
 
-class LaunchError(ValueError):
+class LaunchError(CtFactoryError, ValueError):
     """A run that cannot start; the message names the option, file or URL."""
 
 
@@ -154,11 +155,6 @@ def materialize_in_order(dataset):
     return dataset.materialize()
 
 
-def cpu_threads(workers: int) -> int:
-    """CPU training: the cores each worker may use (Ray gives a worker one thread per CPU)."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def launch(cfg: TrainConfig, resume: bool = False):
     """Check, then train; returns Ray Train's ``Result``."""
     import pyarrow.fs
@@ -173,7 +169,7 @@ def launch(cfg: TrainConfig, resume: bool = False):
     init_ray(hi)
     use_gpu = cfg.use_gpu
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = cluster_has_gpus()
     dataset, rows, extra = build_dataset(cfg, index, use_gpu)
     if cache_dataset(cfg, rows, ray.available_resources().get("object_store_memory", 0)):
         dataset = materialize_in_order(dataset)

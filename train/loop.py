@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from factory.errors import CtFactoryError
 from train.config import TrainConfig
 
 STATE_FILE = "state.pt"  # torch.save; read back with weights_only=True (no arbitrary unpickling)
@@ -35,7 +36,7 @@ METRICS_FILE = "metrics.jsonl"
 FORMAT = 1
 
 
-class ResumeError(ValueError):
+class ResumeError(CtFactoryError, ValueError):
     """A checkpoint that this config cannot continue (other task, model or data)."""
 
 

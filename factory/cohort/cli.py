@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from factory.cli import HelpFormatter, UsageError
+from factory.console import HelpFormatter
+from factory.errors import UsageError
 
 EXAMPLES = """examples:
   ctfactory plan cohorts/demo.yaml
@@ -39,13 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan the spec; bad input raises UsageError (one line, exit status 2)."""
     from factory.cohort.plan import make_plan
-    from factory.cohort.spec import SpecError, load_spec
+    from factory.cohort.spec import load_spec
     from factory.cohort.summary import summary_text
 
-    try:
-        plan = make_plan(load_spec(args.spec))
-    except SpecError as exc:
-        raise UsageError(str(exc)) from None
+    plan = make_plan(load_spec(args.spec))
     print(summary_text(plan))
     if args.out:
         try:

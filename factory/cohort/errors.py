@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from factory.errors import CtFactoryError
+
 # A key path in a spec: mapping keys and list indices, e.g. ("joint", "constraints", 0, "count").
 Path = tuple[str | int, ...]
 
@@ -14,7 +16,7 @@ def format_path(path: Path) -> str:
     return out
 
 
-class SpecError(Exception):
+class SpecError(CtFactoryError):
     """A spec that cannot be planned: where (file:line), the key path, and what is valid.
 
     Not a ValueError on purpose: raised inside pydantic validators, it passes through intact.
@@ -32,7 +34,7 @@ class SpecError(Exception):
         return f"{self.where}: {text}" if self.where else text
 
 
-class PlanningError(ValueError):
+class PlanningError(CtFactoryError, ValueError):
     """A target the reference cannot meet, found while raking or allocating; the planner turns
     it into a SpecError located in the spec's file."""
 

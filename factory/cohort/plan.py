@@ -36,52 +36,16 @@ from factory.cohort.errors import Path, PlanningError
 from factory.cohort.raking import Link, Margin, effective_size, rake
 from factory.cohort.reference import Reference, load_reference
 from factory.cohort.spec import CohortSpec, Rule, Target
+from factory.schema import PLAN_FIELDS, PLAN_HASH_KEY, REFERENCE_KEY, SPEC_KEY
+from factory.seeds import PROMPT_SALT, derive_seeds, volume_seeds
 
 PLANNER_VERSION = 1  # bump when the same spec would plan differently
 BATCH_ROWS = 16_384  # rows per Parquet row group: bounds the memory held for prompts
 ESS_WARN_FRACTION = 0.05  # warn when raking leaves fewer effective label sets than this share
 ESS_WARN_MIN = 100  # ... or fewer than this many
-PLAN_HASH_KEY = b"ctfactory.plan_hash"
-SPEC_KEY = b"ctfactory.spec"
-REFERENCE_KEY = b"ctfactory.reference"
-
-# One row per volume; the cohort store's manifest starts with the same columns.
-PLAN_FIELDS: list[pa.Field] = [
-    pa.field("volume_id", pa.string()),
-    pa.field("index", pa.int64()),
-    *(pa.field(c, pa.uint8()) for c in vocab.COLUMNS),
-    pa.field("attributes", pa.string()),  # JSON: {finding id: {attribute: value}}
-    pa.field("age", pa.int16()),
-    pa.field("sex", pa.string()),
-    pa.field("profile", pa.string()),
-    pa.field("prompt", pa.string()),
-    pa.field("seed", pa.int64()),
-]
-
 # Named random streams of the cohort seed: each choice has its own, so changing one part of a
 # spec (say, an attribute) does not reshuffle the others.
 _PROFILES, _CELLS, _BERNOULLI, _ORDER, _SEX, _AGE, _ATTRIBUTES = range(7)
-_PROMPT_SALT = 0x9E0C7_5EED
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's output for states ``x`` (uint64 arrays wrap around, as the algorithm wants)."""
-    z = x + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def derive_seeds(seed: int, index: np.ndarray, salt: int = 0) -> np.ndarray:
-    """64-bit values that depend only on (seed, salt, index): splitmix64(splitmix64(seed ^ salt)
-    ^ index), so any volume's value can be recomputed on its own."""
-    key = _splitmix64(np.array([seed ^ salt], dtype=np.uint64))
-    return _splitmix64(key ^ np.asarray(index, dtype=np.uint64))
-
-
-def volume_seeds(seed: int, index: np.ndarray) -> np.ndarray:
-    """Per-volume generation seeds (non-negative int64) from the cohort seed and indices only."""
-    return (derive_seeds(seed, index) >> np.uint64(1)).astype(np.int64)
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -155,7 +119,7 @@ class Plan:
             stop = min(start + size, self.n)
             index = np.arange(start, stop)
             attrs = self._row_attributes(start, stop)
-            prompt_seeds = derive_seeds(self.spec.resolved.prompt_seed, index, _PROMPT_SALT)
+            prompt_seeds = derive_seeds(self.spec.resolved.prompt_seed, index, PROMPT_SALT)
             ages, sexes = self.age[start:stop].tolist(), self.sex[start:stop].tolist()
             texts = [
                 prompts.build_prompt(style, dict.fromkeys(a, 1), a, age, sex, random.Random(int(s)))

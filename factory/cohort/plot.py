@@ -7,6 +7,7 @@ import numpy as np
 
 from factory import vocab
 from factory.cohort.plan import Plan
+from factory.viz import pyplot
 
 
 def phi_matrix(labels: np.ndarray) -> np.ndarray:
@@ -21,11 +22,7 @@ def phi_matrix(labels: np.ndarray) -> np.ndarray:
 
 def plot_plan(plan: Plan, path: str) -> None:
     """Write a PNG: planned vs requested prevalence (left), co-occurrence matrix (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n, k = plan.n, len(vocab.FINDINGS)
     planned = plan.labels.sum(axis=0) / n
     targets = plan.spec.resolved.targets

@@ -79,7 +79,7 @@ def independent_reference() -> Reference:
 
 def phantom_reference() -> Reference:
     """Label sets, ages and sexes from the phantom's calibrated population model."""
-    from factory.phantom.labels import sample_population
+    from factory.population import sample_population
 
     population = sample_population(PHANTOM_SIZE, PHANTOM_SEED)
     description = f"phantom population ({PHANTOM_SIZE:,} label sets, seed {PHANTOM_SEED})"

@@ -16,6 +16,7 @@ import pandas as pd
 from factory import vocab
 from factory.anatomy import LegendError, read_legend
 from factory.data.nifti import write_atomic
+from factory.errors import CtFactoryError
 
 REPORTS = "radiology_text_reports/{split}_reports.csv"
 LABELS = "multi_abnormality_labels/{split}_predicted_labels.csv"
@@ -35,7 +36,7 @@ METADATA_COLUMNS = [
 ]  # fmt: skip
 
 
-class DatasetError(ValueError):
+class DatasetError(CtFactoryError, ValueError):
     """A dataset that is not in CT-RATE layout; the message names the file and column."""
 
 

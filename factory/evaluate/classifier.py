@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from factory.errors import CtFactoryError
 from factory.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from factory.models.clip import VisionEncoder3D
 from factory.models.config import ModelConfig
 from factory.models.intensity import hu_to_unit
 
 
-class LabelSetError(ValueError):
+class LabelSetError(CtFactoryError, ValueError):
     """Labels and classifier disagree on which findings there are."""
 
 

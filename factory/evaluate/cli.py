@@ -6,7 +6,8 @@ import argparse
 import json
 import math
 
-from factory.cli import HelpFormatter, UsageError
+from factory.console import HelpFormatter
+from factory.errors import UsageError
 from factory.store.cli import add_storage_args, storage_options
 
 EVAL_EXAMPLES = """\
@@ -81,15 +82,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from factory.evaluate.classifier import load_classifier
     from factory.evaluate.evaluation import (
         ClipModel,
-        EvalError,
         cohort_items,
         compare,
         reference_items,
         score,
     )
     from factory.evaluate.measure import zones_from
-    from factory.models.checkpoint import CheckpointError, load_checkpoint
-    from factory.store.fs import StoreError, open_fs, ref_options
+    from factory.models.checkpoint import load_checkpoint
+    from factory.store.fs import open_fs, ref_options
     from factory.store.reader import open_cohort
 
     if args.limit < 2:
@@ -97,31 +97,28 @@ def run_eval(args: argparse.Namespace) -> int:
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold: {args.threshold} is not valid; expected 0 < t < 1")
     options = storage_options(args)
-    try:
-        checkpoint = load_checkpoint(args.classifier)
-        if "classifier" not in checkpoint.weights:
-            raise UsageError(
-                f"--classifier {args.classifier}: this checkpoint has no classifier network "
-                f"(it has {', '.join(sorted(checkpoint.weights))})"
-            )
-        classifier = load_classifier(args.classifier)
-        cohort = open_cohort(args.url, options)
-        config = checkpoint.config
-        n_gen, gen_items = cohort_items(cohort, classifier, config, args.limit)
-        n_real, has_masks, real_items = reference_items(
-            args.reference, args.split, classifier, config, args.limit
+    checkpoint = load_checkpoint(args.classifier)
+    if "classifier" not in checkpoint.weights:
+        raise UsageError(
+            f"--classifier {args.classifier}: this checkpoint has no classifier network "
+            f"(it has {', '.join(sorted(checkpoint.weights))})"
         )
-        clip_ref = cohort.settings().get("model") if args.clip == "model" else args.clip
-        clip = None
-        if clip_ref and clip_ref != "none":
-            clip_options = ref_options(clip_ref, options)
-            clip_checkpoint = load_checkpoint(clip_ref, storage_options=clip_options)
-            if "clip" in clip_checkpoint.weights:
-                clip = ClipModel.load(clip_checkpoint)
-            elif args.clip != "model":
-                raise UsageError(f"--clip {clip_ref}: this checkpoint has no clip network")
-    except (CheckpointError, StoreError, EvalError) as exc:
-        raise UsageError(str(exc)) from None
+    classifier = load_classifier(args.classifier)
+    cohort = open_cohort(args.url, options)
+    config = checkpoint.config
+    n_gen, gen_items = cohort_items(cohort, classifier, config, args.limit)
+    n_real, has_masks, real_items = reference_items(
+        args.reference, args.split, classifier, config, args.limit
+    )
+    clip_ref = cohort.settings().model if args.clip == "model" else args.clip
+    clip = None
+    if clip_ref and clip_ref != "none":
+        clip_options = ref_options(clip_ref, options)
+        clip_checkpoint = load_checkpoint(clip_ref, storage_options=clip_options)
+        if "clip" in clip_checkpoint.weights:
+            clip = ClipModel.load(clip_checkpoint)
+        elif args.clip != "model":
+            raise UsageError(f"--clip {clip_ref}: this checkpoint has no clip network")
 
     spacing = tuple(config.spacing_mm)
     zones = zones_from(i.anatomy for i in real_items()) if has_masks else None
@@ -202,15 +199,11 @@ def run_report(args: argparse.Namespace) -> int:
 
     from factory.evaluate.qc import build_report, model_images
     from factory.store.cohort import REPORT, CohortStore
-    from factory.store.fs import StoreError
     from factory.store.reader import open_cohort
 
     options = storage_options(args)
-    try:
-        store: CohortStore = open_cohort(args.url, options)
-        report = build_report(store, model_images(store.settings().get("model", ""), options))
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
+    store: CohortStore = open_cohort(args.url, options)
+    report = build_report(store, model_images(store.settings().model, options))
     files = {"report.html": report["html"].encode(), **report["figures"]}
     if args.out:
         out = Path(args.out)

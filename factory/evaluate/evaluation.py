@@ -24,6 +24,7 @@ from scipy import stats
 from factory import vocab
 from factory.data.ctrate import DatasetError, read_split
 from factory.data.transforms import preprocessing, sample
+from factory.errors import CtFactoryError
 from factory.evaluate import measure, metrics
 from factory.evaluate.classifier import FindingClassifier
 from factory.models.checkpoint import Checkpoint
@@ -33,7 +34,7 @@ from factory.models.intensity import hu_to_unit, unit_to_hu
 BATCH = 8
 
 
-class EvalError(ValueError):
+class EvalError(CtFactoryError, ValueError):
     """Inputs that cannot be compared; the message names the input and what is valid."""
 
 

@@ -10,40 +10,36 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from factory import vocab
 from factory.evaluate.measure import row_finding
 from factory.report import montage_png
+from factory.schema import RunSettings
 from factory.store.cohort import REPORT, CohortStore
+from factory.viz import figure_png, pyplot
 
 EVAL_FILE = "eval.json"
 SHORT = {f.column: f.column.replace("Coronary artery wall", "Coronary") for f in vocab.FINDINGS}
 
 
 def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, bbox_inches="tight")
 
 
-def prevalence_table(settings: Mapping, plan: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+def prevalence_table(
+    settings: RunSettings, plan: pd.DataFrame, manifest: pd.DataFrame
+) -> pd.DataFrame:
     """Per finding, as shares of the volumes: requested (where the spec asked), planned, in the
     cohort and, for verified cohorts, stored with the finding and passing verification."""
-    labels = settings.get("spec", {}).get("labels", {})
-    n = max(int(settings.get("n", len(plan))), 1)
+    labels = settings.spec.get("labels", {})
+    n = max(int(settings.n), 1)
     rows = []
     for f in vocab.FINDINGS:
         asked = labels.get(f.id, {})
@@ -63,7 +59,7 @@ def prevalence_table(settings: Mapping, plan: pd.DataFrame, manifest: pd.DataFra
 
 def prevalence_png(table: pd.DataFrame) -> bytes:
     columns = [c for c in ("requested", "planned", "in_cohort", "verified") if c in table]
-    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=90)
+    fig, ax = pyplot().subplots(figsize=(9, 6.5), dpi=90)
     y = np.arange(len(table))
     h = 0.8 / len(columns)
     for k, c in enumerate(columns):
@@ -85,7 +81,7 @@ def cooccurrence(manifest: pd.DataFrame) -> np.ndarray:
 
 
 def cooccurrence_png(counts: np.ndarray) -> bytes:
-    fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=90)
+    fig, ax = pyplot().subplots(figsize=(7.5, 6.5), dpi=90)
     image = ax.imshow(np.log1p(counts), cmap="viridis")
     names = [SHORT[c] for c in vocab.COLUMNS]
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
@@ -100,7 +96,7 @@ def cooccurrence_png(counts: np.ndarray) -> bytes:
 
 
 def demographics_png(manifest: pd.DataFrame) -> bytes:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.2), dpi=90)
     for sex, colour in (("F", "tab:red"), ("M", "tab:blue")):
         ages = manifest["age"][manifest["sex"] == sex]
         a.hist(ages, bins=np.arange(15, 100, 5), alpha=0.6, label=sex, color=colour)
@@ -244,13 +240,13 @@ def build_report(store: CohortStore, model_images: Mapping[str, bytes] | None = 
     if len(manifest):
         figures["qc-montage.png"] = montage_png(store, manifest)
     pairs = {k: v for k, v in (model_images or {}).items() if k.startswith("pair-")}
-    title = f"ct-factory QC report: cohort {settings.get('cohort_id', '?')}"
+    title = f"ct-factory QC report: cohort {settings.cohort_id}"
     sections = [
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>{len(manifest):,} of {settings.get('n', '?')} planned volumes; model "
-        f"<code>{html.escape(str(settings.get('model')))}</code> "
-        f"({html.escape(str(settings.get('model_hash', ''))[:12])}); sampler "
-        f"{html.escape(json.dumps(settings.get('sampler')))}.</p>",
+        f"<p>{len(manifest):,} of {settings.n} planned volumes; model "
+        f"<code>{html.escape(settings.model)}</code> "
+        f"({html.escape(settings.model_hash[:12])}); sampler "
+        f"{html.escape(json.dumps(settings.sampler))}.</p>",
         '<section id="prevalence"><h2>Prevalence: requested, planned, stored, verified</h2>',
         _table(
             list(table.columns),

@@ -15,17 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from factory.cohort.plan import derive_seeds
-
-VERIFY_SALT = 0x5EED_0F_A77E  # a stream of seeds apart from the planned ones
-
-
-def attempt_seed(seed: int, attempt: int) -> int:
-    """The generation seed of ``attempt`` (1 = the planned seed, then derived ones)."""
-    if attempt <= 1:
-        return int(seed)
-    return int(derive_seeds(int(seed), np.array([attempt]), salt=VERIFY_SALT)[0] >> np.uint64(1))
-
 
 @dataclass
 class Check:

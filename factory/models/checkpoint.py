@@ -45,6 +45,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from factory.errors import CtFactoryError
 from factory.models.config import ConfigError, ModelConfig, dump_config, parse_config
 
 NETWORKS: tuple[str, ...] = ("vae", "clip", "diffusion", "text", "classifier")
@@ -60,7 +61,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CtFactoryError, ValueError):
     """A checkpoint that cannot be saved, found or trusted; the message names directory and file."""
 
 

@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from factory import vocab
 from factory.anatomy import ANATOMY_CHANNELS
+from factory.errors import CtFactoryError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(CtFactoryError, ValueError):
     """A model config that cannot be used; the message names the file and field."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from factory.errors import CtFactoryError
 from factory.geometry import Grid
 from factory.models.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
 from factory.models.config import ModelConfig
@@ -26,7 +27,7 @@ from factory.models.text import TextEncoder
 from factory.models.vae import LatentCodec, build_vae
 
 
-class RequestError(ValueError):
+class RequestError(CtFactoryError, ValueError):
     """A generation request that cannot be served; the message names the field."""
 
 
@@ -62,6 +63,7 @@ class Volume:
 
 
 def default_device() -> torch.device:
+    """The first CUDA device where there is one, else the CPU (the one rule for every model)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

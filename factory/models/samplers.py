@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
+from factory.errors import CtFactoryError
 from factory.models.config import DiffusionConfig
 
 SCHEDULERS_FOR = {"ddpm": ("ddim", "ddpm"), "rflow": ("rectified_flow",)}
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class SamplerError(ValueError):
+class SamplerError(CtFactoryError, ValueError):
     """Sampler settings that the model cannot use."""
 
 

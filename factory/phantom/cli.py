@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 from factory import vocab
-from factory.cli import HelpFormatter, UsageError
+from factory.console import HelpFormatter
+from factory.errors import UsageError
 
 EXAMPLES = """\
 examples:

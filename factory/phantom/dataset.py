@@ -31,9 +31,9 @@ from factory.cohort import prompts
 from factory.data.ctrate import volume_name, write_tables
 from factory.data.nifti import nifti_bytes, write_atomic
 from factory.geometry import Grid
-from factory.phantom.labels import sample_population
-from factory.phantom.preview import montage
 from factory.phantom.render import HU_MAX, HU_MIN, render_phantom
+from factory.population import sample_population
+from factory.viz import montage
 
 DEFAULT_FOV_MM = (380.0, 380.0, 320.0)
 MIN_FOV_MM = (300.0, 300.0, 160.0)

@@ -7,7 +7,8 @@ import sys
 
 import yaml
 
-from factory.cli import HelpFormatter, UsageError
+from factory.console import HelpFormatter
+from factory.errors import UsageError
 
 EXAMPLES = {
     "status": """examples:
@@ -78,13 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _open(args: argparse.Namespace):
-    from factory.store.fs import StoreError
     from factory.store.reader import open_cohort
 
-    try:
-        return open_cohort(args.url, storage_options(args))
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
+    return open_cohort(args.url, storage_options(args))
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from factory import vocab
-from factory.cohort.plan import PLAN_FIELDS
+from factory.schema import MANIFEST_SCHEMA, RunSettings, SchemaError
 from factory.store.fs import (
     StoreError,
     create_exclusive,
@@ -40,7 +40,7 @@ from factory.store.fs import (
     retrying,
     zarr_store,
 )
-from factory.store.layout import StoredVolume, check_volume, read_volume
+from factory.store.layout import FORMAT, StoredVolume, check_volume, read_volume
 
 SPEC_FILE = "spec.yaml"
 PLAN_FILE = "plan.parquet"
@@ -48,36 +48,6 @@ VOLUMES = "volumes"
 COMMITTED = "committed"
 MANIFEST = "manifest"
 REPORT = "report"
-# Settings that make two runs produce different volumes: a mismatch refuses the resume.
-IDENTITY_KEYS = ("plan_hash", "model_hash", "sampler", "grid", "verify")
-
-RESULT_FIELDS: list[pa.Field] = [
-    pa.field("model_hash", pa.string()),
-    pa.field("sampler", pa.string()),  # JSON: steps, guidance, scheduler
-    pa.field("shape", pa.list_(pa.int32())),
-    pa.field("spacing_mm", pa.list_(pa.float64())),
-    pa.field("hu_sha256", pa.string()),
-    pa.field("anatomy_sha256", pa.string()),
-    pa.field("bytes_stored", pa.int64()),
-    pa.field("bytes_raw", pa.int64()),
-    pa.field("generate_s", pa.float64()),
-    pa.field("write_s", pa.float64()),
-    pa.field("hu_mean", pa.float64()),
-    pa.field("hu_std", pa.float64()),
-    pa.field("hu_p01", pa.float64()),
-    pa.field("hu_p50", pa.float64()),
-    pa.field("hu_p99", pa.float64()),
-    pa.field("committed_at", pa.string()),
-    # Label verification (null when the spec has no verify block): the attempts made, the
-    # seed of the stored attempt, whether it passed, the checked findings that failed (JSON
-    # list) and the classifier's probabilities for the checked findings (JSON object).
-    pa.field("attempts", pa.int32()),
-    pa.field("sample_seed", pa.int64()),
-    pa.field("verified", pa.bool_()),
-    pa.field("verify_failed", pa.string()),
-    pa.field("verify_scores", pa.string()),
-]
-MANIFEST_SCHEMA = pa.schema([*PLAN_FIELDS, *RESULT_FIELDS])
 FINDING_COLUMNS = list(vocab.COLUMNS)
 
 
@@ -140,17 +110,25 @@ class CohortStore:
     def exists(self) -> bool:
         return self.fs.exists(self._p("zarr.json"))
 
-    def settings(self) -> dict:
+    def settings(self) -> RunSettings:
         """The run settings recorded at the root (format, spec, plan and model hashes...)."""
         try:
-            return dict(self.root().attrs["ct_factory"])
+            recorded = dict(self.root().attrs["ct_factory"])
         except KeyError:
             raise StoreError(
                 f"{self.url}: not a ct-factory cohort (no ct_factory attributes)"
             ) from None
+        if recorded.get("format") != FORMAT:
+            raise StoreError(
+                f"{self.url}: format {recorded.get('format')!r}; this reader knows {FORMAT!r}"
+            )
+        try:
+            return RunSettings.from_json(recorded)
+        except SchemaError as exc:
+            raise StoreError(f"{self.url}: {exc}; written by another ct-factory version") from None
 
     # ----- creating and resuming --------------------------------------------------------------
-    def prepare(self, settings: Mapping, spec_text: str, plan, overwrite: bool = False) -> str:
+    def prepare(self, settings: RunSettings, spec_text: str, plan, overwrite: bool = False) -> str:
         """Create the cohort root, or check that the existing one is the same cohort.
 
         Returns "created", "resumed" or "overwritten". A different spec, model or sampler in
@@ -167,12 +145,11 @@ class CohortStore:
                         "choose another output or pass --overwrite"
                     )
             else:
-                old = self.settings()
-                differ = [k for k in IDENTITY_KEYS if old.get(k) != settings.get(k)]
+                differ = self.settings().differences(settings)
                 if not differ:
                     return "resumed"
                 if not overwrite:
-                    what = "; ".join(f"{k}: {old.get(k)} -> {settings.get(k)}" for k in differ)
+                    what = "; ".join(differ)
                     raise CohortExistsError(
                         f"{self.url}: holds another cohort ({what}); re-run the same spec to "
                         "resume it, choose another output, or pass --overwrite to replace it"
@@ -192,7 +169,9 @@ class CohortStore:
             ),
         )
         # The attributes last: a root with them is a complete, resumable cohort root.
-        retrying(f"{self.url}/zarr.json", lambda: root.attrs.put({"ct_factory": dict(settings)}))
+        retrying(
+            f"{self.url}/zarr.json", lambda: root.attrs.put({"ct_factory": settings.to_json()})
+        )
         return state
 
     def _url(self, name: str) -> str:

@@ -18,6 +18,8 @@ from typing import TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from factory.errors import CtFactoryError
+
 T = TypeVar("T")
 
 # Backoff of a write: 0.5 s doubling to 8 s; the default 10 retries wait about 60 s in all.
@@ -30,7 +32,7 @@ def retry_delays() -> tuple[float, ...]:
     return tuple(min(8.0, 0.5 * 2**i) for i in range(count))
 
 
-class StoreError(RuntimeError):
+class StoreError(CtFactoryError, RuntimeError):
     """A store that cannot be read or written; the message names the URL or volume and cause."""
 
 

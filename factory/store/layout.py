@@ -21,6 +21,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from factory.errors import CtFactoryError
+
 FORMAT = "ct-factory cohort v1"
 OME_VERSION = "0.5"
 IMAGE = "hu"
@@ -33,7 +35,7 @@ AXES = ("x", "y", "z")
 CHANNEL_COLOURS = ((70, 130, 255), (255, 215, 0), (220, 20, 60), (255, 105, 180))
 
 
-class VolumeFormatError(ValueError):
+class VolumeFormatError(CtFactoryError, ValueError):
     """A stored volume that does not match the layout above; the message names the volume."""
 
 

@@ -18,7 +18,6 @@ import pandas as pd
 from factory import vocab
 from factory.store.cohort import CohortStore
 from factory.store.fs import StoreError
-from factory.store.layout import FORMAT
 
 
 class Cohort(CohortStore):
@@ -114,7 +113,5 @@ def open_cohort(url: str, storage_options: dict | None = None) -> Cohort:
     cohort = Cohort(url, storage_options)
     if not cohort.exists():
         raise StoreError(f"{url}: no cohort here (no zarr.json at the root)")
-    settings = cohort.settings()
-    if settings.get("format") != FORMAT:
-        raise StoreError(f"{url}: format {settings.get('format')!r}; this reader knows {FORMAT!r}")
+    cohort.settings()  # refuses another format, naming it
     return cohort

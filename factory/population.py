@@ -1,9 +1,12 @@
-"""Label sets and demographics with realistic co-occurrence: a calibrated Gaussian copula.
+"""Population contract: label sets and demographics with realistic co-occurrence.
 
-Each person has a latent normal score per finding plus one for age. Thresholds give the
-reference prevalences exactly; the latent correlations are solved so the named pairs reach
-their phi coefficients, a shared factor reproduces the reference no-finding rate, and the
-age loadings make calcifications (and a few others) more likely with age.
+The phantom draws its subjects from it and cohort specs use it as ``reference: phantom``.
+
+A calibrated Gaussian copula: each person has a latent normal score per finding plus one for
+age. Thresholds give the reference prevalences exactly; the latent correlations are solved so
+the named pairs reach their phi coefficients, a shared factor reproduces the reference
+no-finding rate, and the age loadings make calcifications (and a few others) more likely with
+age.
 """
 
 from __future__ import annotations
