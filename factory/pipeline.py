@@ -18,10 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.errors import CtFactoryError
+from factory.refs import ref_options
 from factory.schema import RECORD_KEYS, RESULT_SCHEMA, RunSettings
 from factory.seeds import attempt_seed
 from factory.store.cohort import CohortStore, now
-from factory.store.fs import StoreError, ref_options, retrying
+from factory.store.fs import StoreError, retrying
 from factory.store.layout import FORMAT, intensity_stats, write_volume
 
 MANIFEST_FLUSH_ROWS = 1000  # the driver appends a manifest part every this many volumes...

@@ -242,10 +242,10 @@ BAD = [
     (
         "model form",
         "model: builtin:demo",
-        "model: gs://bucket/m",
+        "model: nope://bucket/m",
         3,
         "model",
-        "valid: builtin:NAME, a local directory, or an s3:// URL",
+        "unknown URL protocol 'nope'",
     ),
     (
         "reference form",

@@ -64,3 +64,25 @@ def test_packed_channels_keep_overlaps_and_read_back_through_the_legend(tmp_path
     (tmp_path / "labels.json").write_text('{"0": "lungs"}')
     with pytest.raises(LegendError, match=r"1\.\.255"):
         read_legend(tmp_path)
+
+
+def test_one_parser_of_model_references_for_the_spec_and_the_loader(tmp_path):
+    from factory.cohort.spec import load_spec
+    from factory.models.checkpoint import CheckpointError, load_checkpoint
+    from factory.refs import RefError, parse_ref
+
+    assert parse_ref("builtin:demo").name == "demo"
+    assert parse_ref("gs://bucket/m/").url == "gs://bucket/m"
+    assert parse_ref("memory://m").kind == "remote"
+    assert parse_ref(f"file://{tmp_path}").path == str(tmp_path)
+    assert parse_ref("models/x").path.endswith("/models/x")
+    for bad, why in (("builtin:Big Model", "builtin model name"), ("s3://", "no bucket")):
+        with pytest.raises(RefError, match=why):
+            parse_ref(bad)
+    # Every form the loader takes, the spec takes too (and the loader names the forms).
+    spec = tmp_path / "spec.yaml"
+    for ref in ("gs://bucket/m", "memory://m", f"file://{tmp_path}", "builtin:demo"):
+        spec.write_text(f"schema_version: 1\ncohort: {{id: t, n: 2}}\nmodel: {ref}\noutput: o\n")
+        assert load_spec(str(spec)).model == ref
+    with pytest.raises(CheckpointError, match="unknown URL protocol 'nope'"):
+        load_checkpoint("nope://x/y")

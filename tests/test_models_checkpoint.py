@@ -278,6 +278,8 @@ def test_builtin_registry(
     saved[0].rename(registry / "demo")
     (registry / "__pycache__").mkdir()
     with pytest.raises(CheckpointError, match=r"available: builtin:demo$"):
+        load_checkpoint("builtin:other")
+    with pytest.raises(CheckpointError, match=r"'builtin:\.\./demo': not a builtin model name"):
         load_checkpoint("builtin:../demo")
     assert load_checkpoint("builtin:demo").hash == saved[1]
     assert resolve("builtin:demo") == registry / "demo"

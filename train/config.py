@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from factory.errors import CtFactoryError
 from factory.models.config import ModelConfig, load_config, presets
+from factory.refs import absolute
 
 TASKS: tuple[str, ...] = ("vae", "clip", "diffusion", "classifier")
 Task = Literal["vae", "clip", "diffusion", "classifier"]
@@ -165,14 +166,14 @@ class TrainConfig(Strict):
             return data
         data = dict(data)
         if isinstance(data.get("data"), dict) and isinstance(data["data"].get("root"), str):
-            data["data"] = {**data["data"], "root": _local(data["data"]["root"])}
+            data["data"] = {**data["data"], "root": absolute(data["data"]["root"])}
         if isinstance(data.get("storage"), str):
-            data["storage"] = _local(data["storage"])
+            data["storage"] = absolute(data["storage"])
         if isinstance(data.get("model"), str) and data["model"] not in presets():
-            data["model"] = _local(data["model"])
+            data["model"] = absolute(data["model"])
         if isinstance(data.get("diffusion"), dict):
             data["diffusion"] = {
-                k: _local(v) if k in ("vae", "clip") and isinstance(v, str) else v
+                k: absolute(v) if k in ("vae", "clip") and isinstance(v, str) else v
                 for k, v in data["diffusion"].items()
             }
         return data
@@ -212,13 +213,6 @@ class TrainConfig(Strict):
             "diffusion": self.diffusion.model_dump(mode="json") if self.task == "diffusion" else {},
             "train_text": self.clip.train_text if self.task == "clip" else False,
         } | ({"vae_adversarial": True} if self.task == "vae" and self.vae.adversarial else {})
-
-
-def _local(ref: str) -> str:
-    """An absolute path for a local path; URLs and ``builtin:`` references unchanged."""
-    if "://" in ref or ref.startswith("builtin:"):
-        return ref
-    return str(Path(ref).expanduser().absolute())
 
 
 def parse_workers(text: str) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from factory import vocab
 from factory.cohort.spec import CohortSpec
+from factory.refs import parse_ref
 
 PHANTOM_SIZE = 20_000  # label sets drawn from the phantom's population model
 PHANTOM_SEED = 0
@@ -146,7 +147,7 @@ def load_reference(spec: CohortSpec) -> Reference:
     kind = spec.reference.kind
     if kind == "independent":
         return independent_reference()
-    if kind == "phantom" or (kind == "model" and spec.model.startswith("builtin:")):
+    if kind == "phantom" or (kind == "model" and parse_ref(spec.model).kind == "builtin"):
         return phantom_reference()
     if kind == "labels_csv":
         location = spec.resolve_input(str(spec.reference.labels_csv))

@@ -36,6 +36,7 @@ from factory.cohort.allocate import round_half_up
 from factory.cohort.distributions import Bins, Choice, Dist, Numeric, default_distribution
 from factory.cohort.errors import Path, SpecError, format_path
 from factory.cohort.prompts import PromptStyle
+from factory.refs import RefError, parse_ref, parse_url
 
 MAX_VOLUMES = 10_000_000  # volume ids carry a 7-digit index
 WEIGHT_TOLERANCE = 1e-6  # how far from 1 a distribution's weights may sum
@@ -44,10 +45,7 @@ DEFAULT_AGE = Numeric(
     "normal", *vocab.AGE_RANGE, params=(vocab.AGE_MEAN, vocab.AGE_SD), integer=True
 )
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_BUILTIN_PATTERN = re.compile(r"^builtin:[a-z0-9][a-z0-9._-]*$")
-_URL_PATTERN = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
 _BIN_PATTERN = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)|(\+))\s*$")
-CHECKPOINT_FORMS = "builtin:NAME, a local directory, or an s3:// URL"
 
 
 @dataclass(frozen=True)
@@ -334,7 +332,7 @@ class CohortSpec(_Strict):
 
     def resolve_input(self, location: str) -> str:
         """A path the spec reads (a reference CSV, a model), relative to the spec's folder."""
-        if _URL_PATTERN.match(location) or FilePath(location).is_absolute():
+        if parse_url(location) is not None or FilePath(location).is_absolute():
             return location
         return str(FilePath(self._source.folder) / location)
 
@@ -515,15 +513,10 @@ def _age(demographics: Demographics) -> Numeric | Bins:
 
 
 def _checkpoint(value: str, path: Path) -> None:
-    url = _URL_PATTERN.match(value)
-    if value.startswith("builtin:"):
-        ok = bool(_BUILTIN_PATTERN.match(value))
-    elif url:
-        ok = url.group(1) in ("s3", "file") and bool(url.group(2).strip("/"))
-    else:
-        ok = bool(value.strip())
-    if not ok:
-        raise SpecError(path, f"{value!r} is not a checkpoint reference; valid: {CHECKPOINT_FORMS}")
+    try:
+        parse_ref(value)
+    except RefError as exc:
+        raise SpecError(path, f"is not a model reference: {exc}") from None
 
 
 def _targets(spec: CohortSpec) -> dict[str, Target]:
@@ -713,12 +706,12 @@ def _resolve(spec: CohortSpec) -> Resolved:
             if not spec.verify.findings:
                 raise SpecError(("verify", "findings"), "is empty; name findings or leave it out")
             spec.verify.columns(spec)  # unknown names fail here, naming the entry
-    url = _URL_PATTERN.match(spec.output)
-    if not spec.output.strip() or ("://" in spec.output and not url):
-        raise SpecError(
-            ("output",),
-            f"{spec.output!r} is not valid; expected a path or an fsspec URL (s3://...)",
-        )
+    try:
+        if not spec.output.strip():
+            raise RefError("is empty; expected a path or an fsspec URL (s3://...)")
+        parse_url(spec.output)
+    except RefError as exc:
+        raise SpecError(("output",), str(exc)) from None
     seed = spec.cohort.seed if spec.prompt.seed is None else spec.prompt.seed
     return Resolved(targets, profiles, rules, age, male, seed)
 

@@ -89,7 +89,8 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from factory.evaluate.measure import zones_from
     from factory.models.checkpoint import load_checkpoint
-    from factory.store.fs import open_fs, ref_options
+    from factory.refs import ref_options
+    from factory.store.fs import open_fs
     from factory.store.reader import open_cohort
 
     if args.limit < 2:

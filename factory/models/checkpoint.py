@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from factory.errors import CtFactoryError
 from factory.models.config import ConfigError, ModelConfig, dump_config, parse_config
+from factory.refs import BUILTIN_PREFIX, REF_FORMS, RefError, parse_ref
 
 NETWORKS: tuple[str, ...] = ("vae", "clip", "diffusion", "text", "classifier")
 CONFIG_FILE = "config.yaml"
@@ -57,7 +58,6 @@ CHECKSUMS_FILE = "checksums.json"
 IMAGES_DIR = "images"
 WEIGHTS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
@@ -406,14 +406,15 @@ def _locate(
     ref: str | Path, cache_dir: Path | None, storage_options: dict | None, verify: bool
 ) -> tuple[Path, str | None]:
     """The local directory for ``ref``, with its content hash when already verified."""
-    text = str(ref)
-    if text.startswith(BUILTIN_PREFIX):
-        return _builtin(text[len(BUILTIN_PREFIX) :]), None
-    if text.startswith("file://"):
-        return Path(text[len("file://") :]), None
-    if "://" in text:
-        return _cached(text, cache_dir, storage_options, verify)
-    return Path(text).expanduser(), None
+    try:
+        parsed = parse_ref(str(ref))
+    except RefError as exc:
+        raise CheckpointError(str(exc)) from None
+    if parsed.kind == "builtin":
+        return _builtin(parsed.name), None
+    if parsed.kind == "remote":
+        return _cached(parsed.url, cache_dir, storage_options, verify)
+    return Path(parsed.path), None
 
 
 def resolve(
@@ -422,10 +423,7 @@ def resolve(
     """The local directory of a checkpoint reference, downloading a remote one if needed."""
     path, _ = _locate(ref, cache_dir, storage_options, verify=True)
     if not path.is_dir():
-        raise CheckpointError(
-            f"{ref}: no such checkpoint directory; expected builtin:NAME, a directory, "
-            "or an fsspec URL (s3://bucket/model)"
-        )
+        raise CheckpointError(f"{ref}: no such checkpoint directory; expected {REF_FORMS}")
     return path
 
 
@@ -453,11 +451,11 @@ def describe(ref: str | Path, storage_options: dict | None = None) -> tuple[Mode
 
     A remote checkpoint is not downloaded: only its two small JSON files are read.
     """
-    text = str(ref)
-    if "://" in text and not text.startswith("file://"):
+    parsed = parse_ref(str(ref))
+    if parsed.kind == "remote":
         import fsspec
 
-        url = text.rstrip("/")
+        url = parsed.url
         try:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
             card = json.loads(fs.cat_file(f"{root}/{CARD_JSON}"))

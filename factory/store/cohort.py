@@ -31,11 +31,11 @@ import pyarrow.parquet as pq
 import zarr
 
 from factory import vocab
+from factory.refs import is_local
 from factory.schema import MANIFEST_SCHEMA, RunSettings, SchemaError
 from factory.store.fs import (
     StoreError,
     create_exclusive,
-    is_local,
     open_fs,
     retrying,
     zarr_store,

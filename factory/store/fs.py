@@ -19,6 +19,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from factory.errors import CtFactoryError
+from factory.refs import is_local, local_path
 
 T = TypeVar("T")
 
@@ -34,21 +35,6 @@ def retry_delays() -> tuple[float, ...]:
 
 class StoreError(CtFactoryError, RuntimeError):
     """A store that cannot be read or written; the message names the URL or volume and cause."""
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> str:
-    """The absolute path of a local URL (``file://`` stripped)."""
-    return os.path.abspath(url.removeprefix("file://"))
-
-
-def ref_options(ref: str, storage_options: dict | None) -> dict | None:
-    """Storage options for a checkpoint reference: an object-store one uses the output's (same
-    endpoint and credentials); a path or builtin name needs none."""
-    return storage_options or None if not is_local(ref) else None
 
 
 def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
