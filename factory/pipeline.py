@@ -75,12 +75,10 @@ class Totals:
             self.bytes_raw += r["bytes_raw"]
 
 
-def run_settings(spec, plan, checkpoint, classifier=None) -> RunSettings:
+def run_settings(spec, plan, checkpoint, sampler: dict, classifier=None) -> RunSettings:
     """The settings recorded at the cohort root; two runs with equal identity keys (plan hash,
     model hash, sampler, grid, verification) make the same volumes."""
     from importlib.metadata import version
-
-    from factory.models.samplers import default_scheduler
 
     config = checkpoint.config
     return RunSettings(
@@ -92,10 +90,7 @@ def run_settings(spec, plan, checkpoint, classifier=None) -> RunSettings:
         model=spec.model,
         model_hash=checkpoint.hash,
         model_name=checkpoint.card.name,
-        sampler={
-            **spec.sampler.model_dump(),
-            "scheduler": spec.sampler.scheduler or default_scheduler(config.diffusion),
-        },
+        sampler=sampler,
         grid={"shape": list(config.size), "spacing_mm": list(config.spacing_mm)},
         anatomy_channels=list(config.diffusion.anatomy_channels),
         hu_window=list(config.hu_window),
@@ -160,7 +155,7 @@ def prepare_run(
     from factory.cohort.plan import make_plan
     from factory.cohort.spec import load_spec
     from factory.models.checkpoint import load_checkpoint
-    from factory.models.samplers import check_settings
+    from factory.models.samplers import sampling_settings
 
     spec = load_spec(spec_path)
     spec_text = Path(spec_path).read_text()
@@ -168,14 +163,14 @@ def prepare_run(
     storage_options = dict(storage_options or {})
     options = ref_options(spec.model, storage_options)
     checkpoint = load_checkpoint(spec.model, storage_options=options)
-    sampler = spec.sampler
-    check_settings(sampler.steps, sampler.guidance, checkpoint.config.diffusion, sampler.scheduler)
+    # The spec's settings, or the model's own; settings it cannot use fail before planning.
+    sampler = sampling_settings(checkpoint.config.diffusion, **spec.sampler.model_dump())
     plan = make_plan(spec)
     classifier = None
     if spec.verify is not None:
         ref = spec.verify.classifier
         classifier = load_checkpoint(ref, storage_options=ref_options(ref, storage_options))
-    settings = run_settings(spec, plan, checkpoint, classifier)
+    settings = run_settings(spec, plan, checkpoint, sampler, classifier)
     store = CohortStore(url, storage_options)
     state = store.prepare(settings, spec_text, plan, overwrite)
     recovered, done = store.recover() if state == "resumed" else (0, set())

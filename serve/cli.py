@@ -12,7 +12,7 @@ from pathlib import Path
 
 from factory.console import HelpFormatter
 from factory.errors import UsageError
-from serve.config import ServeConfigError, parse_serve_config, read_app_args
+from serve.config import ServeConfig, ServeConfigError, parse_serve_config, read_app_args
 
 DEFAULT_CONFIG = Path(__file__).parent / "config.yaml"
 STOP_TIMEOUT_S = 60.0  # Ctrl-C waits this long at most for Serve to shut down
@@ -60,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
         app_args, _ = read_app_args(args.config)
     except ServeConfigError as exc:
         raise UsageError(f"--config: {exc}") from None
-    models = dict(app_args.get("models") or {})
+    models = dict(app_args.get("models") or ServeConfig().models)  # --model adds to these
     for item in args.model:
         mid, sep, ref = item.partition("=")
         if not sep or not mid or not ref:

@@ -37,9 +37,9 @@ class Limits(Strict):
     """What one request may ask for, and how much work may wait (excess gets 503)."""
 
     max_steps: int = Field(100, ge=1)
-    default_steps: int = Field(20, ge=1)
+    default_steps: int | None = Field(None, ge=1)  # None: each model's own (diffusion.sampling)
     max_guidance: float = Field(20.0, ge=0)
-    default_guidance: float = Field(5.0, ge=0)
+    default_guidance: float | None = Field(None, ge=0)  # None: each model's own
     max_prompt_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # masks travel base64-encoded
     max_voxels: int = Field(512**3, ge=1)  # a model whose grid is larger is refused at load
@@ -49,9 +49,9 @@ class Limits(Strict):
 
     @model_validator(mode="after")
     def _defaults_in_range(self) -> Limits:
-        if self.default_steps > self.max_steps:
+        if self.default_steps is not None and self.default_steps > self.max_steps:
             raise ValueError(f"default_steps {self.default_steps} > max_steps {self.max_steps}")
-        if self.default_guidance > self.max_guidance:
+        if self.default_guidance is not None and self.default_guidance > self.max_guidance:
             raise ValueError(
                 f"default_guidance {self.default_guidance} > max_guidance {self.max_guidance}"
             )

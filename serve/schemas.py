@@ -195,10 +195,10 @@ def resolve(body: PreviewRequest, cfg: ServeConfig, output: str) -> tuple[str, R
     if model not in cfg.models:
         raise FieldError("model", f"unknown model {model!r}; valid: {', '.join(cfg.models)}")
     steps = body.steps if body.steps is not None else limits.default_steps
-    if steps > limits.max_steps:
+    if steps is not None and steps > limits.max_steps:
         raise FieldError("steps", f"{steps} exceeds this server's limit of {limits.max_steps}")
     guidance = body.guidance if body.guidance is not None else limits.default_guidance
-    if guidance > limits.max_guidance:
+    if guidance is not None and guidance > limits.max_guidance:
         raise FieldError(
             "guidance", f"{guidance} exceeds this server's limit of {limits.max_guidance}"
         )

@@ -143,3 +143,26 @@ def test_keep_conditions_on_the_prompt_as_written(steered):
     (guided,) = steered.generate([request])
     assert "negative_prompt" not in kept.sampler
     assert not np.array_equal(kept.hu, guided.hu)
+
+
+def test_unset_sampling_settings_are_the_models_own(tmp_path):
+    """One source of sampling defaults: the checkpoint's diffusion.sampling, saved with it."""
+    from factory.models.checkpoint import load_checkpoint
+
+    config = TINY.model_copy(
+        update={
+            "diffusion": TINY.diffusion.model_copy(
+                update={"sampling": TINY.diffusion.sampling.model_copy(update={"steps": 1})}
+            )
+        }
+    )
+    torch.manual_seed(0)
+    model = Generator.from_config(config, device="cpu")
+    model.save(tmp_path / "m", ModelCard(name="one-step", steps=0))
+    loaded = Generator.load(str(tmp_path / "m"), device="cpu")
+    assert load_checkpoint(str(tmp_path / "m")).config.diffusion.sampling.steps == 1
+    (volume,) = loaded.generate([Request("Cardiomegaly.", seed=3)])
+    assert volume.sampler == {"steps": 1, "guidance": 5.0, "scheduler": "rectified_flow"}
+    assert loaded.settings(Request("x", 1, steps=4, guidance=2)) == {
+        "steps": 4, "guidance": 2.0, "scheduler": "rectified_flow"
+    }  # fmt: skip

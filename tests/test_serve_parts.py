@@ -45,6 +45,7 @@ def _b64(mask: np.ndarray, zipped: bool = False) -> str:
 def test_shipped_config_is_valid_and_errors_name_the_key(tmp_path):
     cfg = load_serve_config("serve/config.yaml")
     assert cfg.models == {"demo": "builtin:demo"} and cfg.default_model == "demo"
+    assert cfg.limits.default_steps is None  # each model's own sampling settings
     cases = [
         ({"default_model": "nope"}, "default_model"),
         ({"models": {"bad id!": "builtin:demo"}, "default_model": "bad id!"}, "is not valid"),
@@ -92,10 +93,35 @@ def test_findings_become_a_seeded_structured_prompt():
         findings_prompt({"pleural_effusion": {"side": "left"}}, None, None, seed=1)
 
 
+def test_shipped_config_states_only_what_it_changes():
+    """Every value serve/config.yaml gives differs from the code's default: a restated default
+    could silently disagree with the code when the default moves."""
+    from serve.config import ServeConfig, read_app_args
+
+    args, _ = read_app_args("serve/config.yaml")
+    defaults = ServeConfig().model_dump(mode="json")
+
+    def leaves(tree, prefix=()):
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "models":
+                yield from leaves(value, (*prefix, key))
+            else:
+                yield (*prefix, key), value
+
+    assert args, "the shipped config should state at least one change"
+    for path, value in leaves(args):
+        default = defaults
+        for key in path:
+            default = default[key]
+        assert value != default, f"serve/config.yaml restates the default {'.'.join(path)}"
+
+
 def test_resolve_applies_limits_and_defaults():
     cfg = parse_serve_config({"limits": {"max_steps": 10, "default_steps": 4}})
     model, req = resolve(PreviewRequest(prompt="Cardiomegaly."), cfg, "png")
-    assert model == "demo" and req.steps == 4 and req.guidance == 5.0 and 0 <= req.seed < 2**31
+    assert model == "demo" and req.steps == 4 and req.guidance is None and 0 <= req.seed < 2**31
+    _, req = resolve(PreviewRequest(prompt="Cardiomegaly."), parse_serve_config({}), "png")
+    assert req.steps is None  # the generator applies the model's own (diffusion.sampling)
     with pytest.raises(FieldError, match="exceeds this server's limit of 10") as info:
         resolve(PreviewRequest(prompt="x", steps=11), cfg, "png")
     assert info.value.field == "steps"

@@ -173,10 +173,11 @@ class PromptSpec(_Strict):
 
 
 class SamplerSpec(_Strict):
-    """Diffusion sampling settings."""
+    """Diffusion sampling settings; each one left out is the model's own (its
+    ``diffusion.sampling`` and its objective's scheduler)."""
 
-    steps: int = Field(50, ge=1, le=1000)
-    guidance: float = Field(5.0, ge=0)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=0)
     # None: the model's own (rectified_flow for rflow models, ddim for ddpm ones)
     scheduler: Literal["ddim", "rectified_flow", "ddpm"] | None = None
 

@@ -105,6 +105,14 @@ class ClassifierConfig(Strict):
         return self
 
 
+class SamplingConfig(Strict):
+    """The model's own sampling settings: what a cohort spec, a request, the server and the
+    model card use when they name none (as diffusers saves a scheduler config with a model)."""
+
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(5.0, ge=0)
+
+
 class DiffusionConfig(Strict):
     """MONAI DiffusionModelUNet on VAE latents (plus anatomy channels), text cross-attention."""
 
@@ -125,6 +133,7 @@ class DiffusionConfig(Strict):
     # text embedding), so every ResBlock sees the prompt as well as the attention levels.
     pooled_embedding: bool = False
     anatomy_channels: tuple[str, ...] = ()
+    sampling: SamplingConfig = SamplingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionConfig:
@@ -134,6 +143,11 @@ class DiffusionConfig(Strict):
         if unknown:
             raise ValueError(
                 f"unknown anatomy channels {sorted(unknown)}; valid: {ANATOMY_CHANNELS}"
+            )
+        if self.sampling.steps > self.num_train_timesteps:
+            raise ValueError(
+                f"sampling.steps {self.sampling.steps} > num_train_timesteps "
+                f"{self.num_train_timesteps}"
             )
         if any(c % self.norm_num_groups for c in self.channels):
             raise ValueError("every channels value must be divisible by norm_num_groups")

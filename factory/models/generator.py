@@ -22,7 +22,7 @@ from factory.models.config import ModelConfig
 from factory.models.diffusion import TextConditionedUNet
 from factory.models.intensity import latent_to_mask, mask_to_latent, unit_to_hu
 from factory.models.negation import Negations, conditioning
-from factory.models.samplers import check_settings, default_scheduler, guided, sample
+from factory.models.samplers import guided, sample, sampling_settings
 from factory.models.text import TextEncoder
 from factory.models.vae import LatentCodec, build_vae
 
@@ -41,8 +41,8 @@ class Request:
 
     prompt: str
     seed: int
-    steps: int = 20
-    guidance: float = 5.0
+    steps: int | None = None  # None: the model's own (its diffusion.sampling)
+    guidance: float | None = None
     scheduler: str | None = None
     masks: Mapping[str, np.ndarray] | None = None
     negative_prompt: str = ""
@@ -131,9 +131,7 @@ class Generator:
     def check(self, request: Request, index: int = 0) -> None:
         """Validate a request before any heavy work; errors name the request and the field."""
         try:
-            check_settings(
-                request.steps, request.guidance, self.config.diffusion, request.scheduler
-            )
+            self.settings(request)
         except ValueError as exc:
             raise RequestError(f"request {index}: {exc}") from None
         channels = self.config.diffusion.anatomy_channels
@@ -149,6 +147,12 @@ class Generator:
                     f"the model grid {tuple(self.config.size)}"
                 )
 
+    def settings(self, request: Request) -> dict:
+        """The steps, guidance and scheduler ``request`` runs with (the model's where unset)."""
+        return sampling_settings(
+            self.config.diffusion, request.steps, request.guidance, request.scheduler
+        )
+
     def generate(self, requests: Sequence[Request], batch_size: int = 4) -> list[Volume]:
         """Generate one volume per request, in request order, ``batch_size`` at a time.
 
@@ -159,8 +163,8 @@ class Generator:
         out: list[Volume | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            kind = r.scheduler or default_scheduler(self.config.diffusion)
-            groups.setdefault((r.steps, float(r.guidance), kind), []).append(i)
+            s = self.settings(r)
+            groups.setdefault((s["steps"], s["guidance"], s["scheduler"]), []).append(i)
         for (steps, guidance, kind), members in groups.items():
             for start in range(0, len(members), max(1, batch_size)):
                 chunk = members[start : start + batch_size]

@@ -47,6 +47,23 @@ def make_scheduler(cfg: DiffusionConfig, kind: str | None = None):
     return DDPMScheduler(**args, clip_sample=False)
 
 
+def sampling_settings(
+    cfg: DiffusionConfig,
+    steps: int | None = None,
+    guidance: float | None = None,
+    scheduler: str | None = None,
+) -> dict:
+    """The settings a generation runs with: each one given, or the model's own (its
+    ``diffusion.sampling`` and its objective's scheduler). Checked before any work."""
+    settings = {
+        "steps": cfg.sampling.steps if steps is None else steps,
+        "guidance": float(cfg.sampling.guidance if guidance is None else guidance),
+        "scheduler": scheduler or default_scheduler(cfg),
+    }
+    check_settings(settings["steps"], settings["guidance"], cfg, settings["scheduler"])
+    return settings
+
+
 def check_settings(steps: int, guidance: float, cfg: DiffusionConfig, kind: str | None) -> None:
     """Fail before any work on settings no sampler can use."""
     if not isinstance(steps, int) or steps < 1:
