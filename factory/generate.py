@@ -73,8 +73,8 @@ def root_cause(exc: BaseException) -> BaseException:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from factory.evaluate.run_summary import write_run_summary
     from factory.pipeline import GenerationError, generate_cohort, prepare_run
-    from factory.report import write_report
     from factory.store.cohort import CohortStore
 
     _check(args)
@@ -106,5 +106,5 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-    print(write_report(CohortStore(run.url, run.storage_options), run.plan, totals, run))
+    print(write_run_summary(CohortStore(run.url, run.storage_options), run.plan, totals, run))
     return 0

@@ -14,11 +14,11 @@ import yaml
 
 from factory.cohort.spec import SpecError
 from factory.evaluate.classifier import FindingClassifier
+from factory.evaluate.run_summary import summary
 from factory.models.checkpoint import ModelCard, save_checkpoint
 from factory.models.config import load_config
 from factory.models.generator import Generator, Request
 from factory.pipeline import Totals, VolumeWriter, prepare_run
-from factory.report import summary
 from factory.seeds import attempt_seed
 from factory.store.cohort import CohortStore
 from tests.store_helpers import small_model, write_spec

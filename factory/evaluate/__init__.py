@@ -1,4 +1,5 @@
-"""Evaluation: the finding classifier, metrics, physical measurements, label verification and
-the cohort QC report. It reads cohorts and datasets; in ``factory`` only the pipeline's
-verification step (``verify``) and the phantom's ground-truth measurements (``measure``, plain
-numpy) import it."""
+"""Evaluation: the finding classifier, metrics, physical measurements, label verification, the
+run summary a generation writes (``run_summary``) and the cohort QC report (``qc``). It reads
+cohorts and datasets; in ``factory`` the pipeline's verification step (``verify``), the
+``generate`` command (``run_summary``) and the phantom's ground-truth measurements (``measure``,
+plain numpy) import it."""

@@ -20,7 +20,7 @@ import pandas as pd
 
 from factory import vocab
 from factory.evaluate.measure import row_finding
-from factory.report import montage_png
+from factory.evaluate.run_summary import montage_png
 from factory.schema import RunSettings
 from factory.store.cohort import REPORT, CohortStore
 from factory.viz import figure_png, pyplot

@@ -161,7 +161,7 @@ def verification_lines(v: dict) -> list[str]:
     return lines
 
 
-def write_report(store: CohortStore, plan, totals, run, per_finding: int = 2) -> str:
+def write_run_summary(store: CohortStore, plan, totals, run, per_finding: int = 2) -> str:
     """Write summary.txt, summary.json and montage.png under ``report/``; returns the text."""
     manifest = store.read_manifest()
     text, facts = summary(plan, manifest, totals, run)
