@@ -32,9 +32,8 @@ import zarr
 from factory.geometry import Grid
 from factory.models.checkpoint import load_checkpoint
 from factory.store.layout import read_volume
-
-from .browser_helpers import chromium
-from .store_helpers import small_model
+from tests.browser_helpers import chromium
+from tests.store_helpers import small_model
 
 KEY_ENV, KEY = "CTFACTORY_TEST_SERVE_KEY", "s3cret-key"
 

@@ -14,6 +14,7 @@ from factory.evaluate.classifier import LabelSetError, load_classifier
 from factory.models.checkpoint import ModelCard, save_checkpoint
 from factory.models.config import load_config
 from factory.models.intensity import unit_to_hu
+from tests.train_helpers import SMALL_MODEL, config, make_dataset, phantom_split
 from train import classifier, clip, diffusion, vae
 from train.config import TrainConfigError, apply_overrides, parse_train_config, parse_workers
 from train.data import choose_texts, excerpt, index_rows, load_row, structured
@@ -21,8 +22,6 @@ from train.latents import encode_local
 from train.launcher import cache_dataset, row_bytes
 from train.loop import EMA, accumulation, lr_factor, read_state, rng_for
 from train.session import LocalSession
-
-from .train_helpers import SMALL_MODEL, config, make_dataset, phantom_split
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from factory.cohort.reference import Reference, sample_reference
 from factory.cohort.spec import CohortSpec, SpecError, format_path, load_spec, parse_spec
 from factory.seeds import volume_seeds
 
-COHORTS = Path(__file__).resolve().parents[1] / "cohorts"
+COHORTS = Path(__file__).resolve().parents[2] / "cohorts"
 IDS = vocab.FINDING_IDS
 SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,7 +12,7 @@ from factory import vocab
 from factory.cohort.distributions import Bins, Choice, Numeric
 from factory.cohort.spec import SpecError, load_spec, parse_spec
 
-COHORTS = Path(__file__).resolve().parents[1] / "cohorts"
+COHORTS = Path(__file__).resolve().parents[2] / "cohorts"
 
 BASE = """\
 schema_version: 1

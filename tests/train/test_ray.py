@@ -17,13 +17,12 @@ import torch
 import yaml
 
 from factory.models.generator import Generator, Request
+from tests.conftest import ctfactory_bin
+from tests.train_helpers import config, make_dataset
 from train.config import parse_train_config
 from train.data import index_rows
 from train.export import export_model, latest_checkpoint
 from train.launcher import build_dataset, latest_meta, launch, materialize_in_order
-
-from .conftest import ctfactory_bin
-from .train_helpers import config, make_dataset
 
 
 @pytest.fixture(scope="module")

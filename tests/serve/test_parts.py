@@ -26,8 +26,7 @@ from serve.schemas import (
     resolve,
     volume_id,
 )
-
-from .store_helpers import small_model
+from tests.store_helpers import small_model
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from factory.cli import main
 from factory.cohort.allocate import round_half_up
 from factory.cohort.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COHORTS = ROOT / "cohorts"
 
 

@@ -16,9 +16,8 @@ import numpy as np
 import yaml
 
 from factory.models.generator import Generator
-
-from .conftest import ROOT, ctfactory_bin
-from .test_serve_ray import free_port
+from tests.conftest import ROOT, ctfactory_bin
+from tests.serve.test_ray import free_port
 
 
 def test_bad_serve_config_exits_2(run_cli, tmp_path):
