@@ -94,6 +94,23 @@ def channel_legend(channels: Sequence[str]) -> dict[int, str]:
     return {value: JOIN.join(combo) for value, combo in enumerate(combos, start=1)}
 
 
+def pack_masks(masks: Mapping[str, np.ndarray], channels: Sequence[str]) -> np.ndarray:
+    """Binary masks -> one uint8 image with bit k for ``channels[k]`` (at most 8 channels): the
+    cohort store's anatomy label image (its channel names are in the volume's metadata)."""
+    if len(channels) > 8:
+        raise ValueError(f"at most 8 anatomy channels fit a uint8 label image, got {len(channels)}")
+    shape = next(iter(masks.values())).shape
+    packed = np.zeros(shape, np.uint8)
+    for k, name in enumerate(channels):
+        packed |= (np.asarray(masks[name]) > 0).astype(np.uint8) << k
+    return packed
+
+
+def unpack_masks(packed: np.ndarray, channels: Sequence[str]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`pack_masks`."""
+    return {name: ((packed >> k) & 1).astype(np.uint8) for k, name in enumerate(channels)}
+
+
 def pack_channels(masks: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[int, str]]:
     """Channel masks -> one uint8 label map and its legend; lossless where channels overlap."""
     names = list(masks)
@@ -101,9 +118,7 @@ def pack_channels(masks: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[int
         raise LegendError("no anatomy channels to pack")
     legend = channel_legend(names)
     value_of = {frozenset(name.split(JOIN)): value for value, name in legend.items()}
-    bits = np.zeros(np.shape(masks[names[0]]), np.int32)
-    for k, name in enumerate(names):
-        bits |= (np.asarray(masks[name]) > 0).astype(np.int32) << k
+    bits = pack_masks(masks, names)
     lookup = np.zeros(2 ** len(names), np.uint8)
     for code in range(1, 2 ** len(names)):
         lookup[code] = value_of[frozenset(n for k, n in enumerate(names) if code >> k & 1)]

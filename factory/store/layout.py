@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from factory.anatomy import pack_masks, unpack_masks
 from factory.errors import CtFactoryError
 
 FORMAT = "ct-factory cohort v1"
@@ -57,21 +58,6 @@ def chunking(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     chunks = tuple(min(INNER_CHUNK, int(s)) for s in shape)
     shards = tuple(-(-int(s) // c) * c for s, c in zip(shape, chunks, strict=True))
     return chunks, shards
-
-
-def pack_masks(masks: Mapping[str, np.ndarray], channels: Sequence[str]) -> np.ndarray:
-    """Binary masks -> one uint8 image with bit k for ``channels[k]`` (at most 8 channels)."""
-    if len(channels) > 8:
-        raise ValueError(f"at most 8 anatomy channels fit a uint8 label image, got {len(channels)}")
-    shape = next(iter(masks.values())).shape
-    packed = np.zeros(shape, np.uint8)
-    for k, name in enumerate(channels):
-        packed |= (np.asarray(masks[name]) > 0).astype(np.uint8) << k
-    return packed
-
-
-def unpack_masks(packed: np.ndarray, channels: Sequence[str]) -> dict[str, np.ndarray]:
-    return {name: ((packed >> k) & 1).astype(np.uint8) for k, name in enumerate(channels)}
 
 
 def sha256(array: np.ndarray) -> str:

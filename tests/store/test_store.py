@@ -11,6 +11,7 @@ import pytest
 import zarr
 from ome_zarr_models.v05 import Image, ImageLabel, Labels
 
+from factory.anatomy import pack_masks, unpack_masks
 from factory.data.ctrate import read_split
 from factory.data.transforms import preprocessing, sample
 from factory.models.checkpoint import load_checkpoint
@@ -18,7 +19,7 @@ from factory.pipeline import VolumeWriter, prepare_run
 from factory.store.cohort import CohortExistsError, CohortStore
 from factory.store.export import export_nifti
 from factory.store.fs import StoreError, retrying
-from factory.store.layout import pack_masks, read_volume, unpack_masks, write_volume
+from factory.store.layout import read_volume, write_volume
 from factory.store.reader import open_cohort
 from tests.store_helpers import small_model, write_spec
 
