@@ -183,7 +183,7 @@ def prepare_run(
     return Run(url, storage_options, settings, plan, table, state, recovered, len(done))
 
 
-def load_generator(ref: str, storage_options: dict | None = None):
+def load_actor_generator(ref: str, storage_options: dict | None = None):
     """The default model loader of :class:`VolumeWriter` (GPU when the actor has one)."""
     from factory.models.generator import Generator
 
@@ -204,7 +204,7 @@ class VolumeWriter:
         storage_options: dict,
         settings: RunSettings,
         threads: int | None = None,
-        loader: Callable = load_generator,
+        loader: Callable = load_actor_generator,
     ):
         import torch
 
@@ -363,7 +363,7 @@ def generate_cohort(
     workers: int = 1,
     gpus_per_worker: float | None = None,
     batch_size: int = 4,
-    loader: Callable = load_generator,
+    loader: Callable = load_actor_generator,
     progress: Callable[[list[dict]], None] | None = None,
 ) -> Totals:
     """Generate ``run.todo`` with a pool of ``workers`` actors; rows reach the manifest in parts.

@@ -22,7 +22,7 @@ from factory.data.nifti import nifti_bytes
 from factory.models.checkpoint import CheckpointError
 from factory.models.generator import Generator, RequestError
 from serve.config import ServeConfig, parse_serve_config
-from serve.render import MEDIA_TYPES, SUFFIXES, npy_bytes, preview_png, zarr_zip_bytes
+from serve.encode import MEDIA_TYPES, SUFFIXES, npy_bytes, preview_png, zarr_zip_bytes
 from serve.schemas import Job, volume_id
 
 _FIELD = re.compile(r"^request \d+: ([A-Za-z_][\w.]*): (.*)$", re.S)
@@ -40,7 +40,7 @@ class Result:
     field: str | None = None
 
 
-def load_generator(ref: str, cfg: ServeConfig) -> Generator:
+def load_serving_generator(ref: str, cfg: ServeConfig) -> Generator:
     """Load a model; refuse one whose grid exceeds the configured voxel limit."""
     generator = Generator.load(ref, **cfg.storage_options)
     voxels = 1
@@ -137,7 +137,7 @@ class GeneratorDeployment:
         self.generate.set_max_batch_size(self.cfg.batching.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
         default = self.cfg.default_model
-        self._preloaded = {default: load_generator(self.cfg.models[default], self.cfg)}
+        self._preloaded = {default: load_serving_generator(self.cfg.models[default], self.cfg)}
         self.default_hash = self._preloaded[default].model_hash
 
         self.loads[default] += 1
@@ -147,7 +147,9 @@ class GeneratorDeployment:
             if preloaded is not None:
                 return preloaded
             self.loads[model_id] += 1
-            return await asyncio.to_thread(load_generator, self.cfg.models[model_id], self.cfg)
+            return await asyncio.to_thread(
+                load_serving_generator, self.cfg.models[model_id], self.cfg
+            )
 
         # Wired per instance so that the limit comes from the config (Serve supports this).
         self.model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(

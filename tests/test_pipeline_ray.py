@@ -19,7 +19,7 @@ import ray
 import zarr
 from ray import cloudpickle
 
-from factory.pipeline import GenerationError, generate_cohort, load_generator, prepare_run
+from factory.pipeline import GenerationError, generate_cohort, load_actor_generator, prepare_run
 from factory.store.reader import open_cohort
 from tests.conftest import ROOT, ctfactory_bin
 from tests.store_helpers import small_model, write_spec
@@ -194,7 +194,7 @@ class CrashingGenerator:
 
 
 def crashing_loader(ref, storage_options, seed, flag):
-    return CrashingGenerator(load_generator(ref, storage_options), seed, flag)
+    return CrashingGenerator(load_actor_generator(ref, storage_options), seed, flag)
 
 
 def test_an_actor_crash_is_retried_and_the_run_completes(cluster, model, tmp_path):
