@@ -707,9 +707,9 @@ def _resolve(spec: CohortSpec) -> Resolved:
             if not spec.verify.findings:
                 raise SpecError(("verify", "findings"), "is empty; name findings or leave it out")
             spec.verify.columns(spec)  # unknown names fail here, naming the entry
+    if not spec.output.strip():
+        raise SpecError(("output",), "is empty; expected a path or an fsspec URL (s3://...)")
     try:
-        if not spec.output.strip():
-            raise RefError("is empty; expected a path or an fsspec URL (s3://...)")
         parse_url(spec.output)
     except RefError as exc:
         raise SpecError(("output",), str(exc)) from None

@@ -103,7 +103,8 @@ def read_split(root: str | Path, split: str = "train") -> list[Record]:
     if bad.any():
         first = labels["VolumeName"][bad].iloc[0]
         raise DatasetError(f"{root / LABELS.format(split=split)}: labels must be 0 or 1 ({first})")
-    legend = _legend(root, split, labels["VolumeName"])
+    masks = {name: _mask(root, split, name) for name in labels["VolumeName"]}
+    legend = _legend(root) if any(m is not None for m in masks.values()) else None
     records = []
     for row, (_, lab) in zip(labels["VolumeName"], values.iterrows(), strict=True):
         if row not in reports.index:
@@ -117,8 +118,8 @@ def read_split(root: str | Path, split: str = "train") -> list[Record]:
                 labels=tuple(int(v) for v in lab),
                 findings=_text(rep["Findings_EN"]),
                 impression=_text(rep["Impressions_EN"]),
-                mask=(mask := _mask(root, split, row)),
-                legend=legend if mask is not None else None,
+                mask=masks[row],
+                legend=legend if masks[row] is not None else None,
                 age=_age(info),
                 sex=_field(info, "PatientSex"),
                 rescale=(
@@ -143,10 +144,8 @@ def locate(root: Path, split: str, name: str) -> Path:
     raise DatasetError(f"{root}: volume {name} not found as {flat} nor in CT-RATE's nested folders")
 
 
-def _legend(root: Path, split: str, names) -> dict[int, str] | None:
-    """The legend of the split's label maps (``masks/labels.json``), if it has any masks."""
-    if not any(_mask(root, split, name) is not None for name in names):
-        return None
+def _legend(root: Path) -> dict[int, str]:
+    """The legend of the dataset's label maps (``masks/labels.json``)."""
     try:
         return read_legend(root / "masks")
     except LegendError as exc:

@@ -128,10 +128,11 @@ class Generator:
         return save_checkpoint(directory, self.config, weights, card, labels_csv)
 
     # ----- requests ---------------------------------------------------------------------------
-    def check(self, request: Request, index: int = 0) -> None:
-        """Validate a request before any heavy work; errors name the request and the field."""
+    def check(self, request: Request, index: int = 0) -> dict:
+        """Validate a request before any heavy work (errors name the request and the field);
+        returns the sampling settings it runs with."""
         try:
-            self.settings(request)
+            settings = self.settings(request)
         except ValueError as exc:
             raise RequestError(f"request {index}: {exc}") from None
         channels = self.config.diffusion.anatomy_channels
@@ -146,6 +147,7 @@ class Generator:
                     f"request {index}: masks.{name}: shape {tuple(np.shape(mask))} does not match "
                     f"the model grid {tuple(self.config.size)}"
                 )
+        return settings
 
     def settings(self, request: Request) -> dict:
         """The steps, guidance and scheduler ``request`` runs with (the model's where unset)."""
@@ -158,13 +160,11 @@ class Generator:
 
         Requests that share steps, guidance and scheduler are batched together.
         """
-        for i, request in enumerate(requests):
-            self.check(request, i)
-        out: list[Volume | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            s = self.settings(r)
+        for i, request in enumerate(requests):
+            s = self.check(request, i)
             groups.setdefault((s["steps"], s["guidance"], s["scheduler"]), []).append(i)
+        out: list[Volume | None] = [None] * len(requests)
         for (steps, guidance, kind), members in groups.items():
             for start in range(0, len(members), max(1, batch_size)):
                 chunk = members[start : start + batch_size]
