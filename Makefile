@@ -77,8 +77,8 @@ demo-classifier: $(STAMP)
 	model of real CT; never for clinical use."
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --no-cache --check .
 	$(BIN)/lint-imports --no-cache
 
 format: $(STAMP)

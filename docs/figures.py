@@ -5,14 +5,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 
 from factory import vocab
 from factory.phantom.dataset import default_grid, finding_title, preview_center
-from factory.phantom.preview import montage
 from factory.phantom.render import render_phantom
+from factory.viz import montage
 
 OUT = Path(__file__).parent / "images" / "phantom"
 GRID = default_grid((192, 192, 160), None)  # 2 x 2 x 2 mm
@@ -29,26 +30,32 @@ SHOWN = {  # a clearly visible version of each finding
 }
 
 
-def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+def main(out: Path = OUT, only: Collection[str] | None = None) -> list[Path]:
+    """Write the montages (all of them, or the cases named in ``only``) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     cases = {"normal": {}} | {fid: {fid: SHOWN.get(fid, {})} for fid in vocab.FINDING_IDS}
+    written = []
     for name, chosen in cases.items():
         findings = {fid: vocab.complete_attributes(fid, a, rng) for fid, a in chosen.items()}
         if name != "normal" and "severity" in vocab.BY_ID[name].attributes and name not in SHOWN:
             findings[name]["severity"] = vocab.BY_ID[name].attributes["severity"].choices[-1]
+        if only is not None and name not in only:
+            continue  # after drawing its attributes, so the other cases see the same stream
         phantom = render_phantom(GRID, findings, "M", 64, 2)
         caption = f"{finding_title(findings)}; measurements: {phantom.truth['measurements']}"
-        montage(
+        path = montage(
             phantom.image,
             GRID.spacing,
             caption,
-            OUT / f"{name}.png",
+            out / f"{name}.png",
             center=preview_center(phantom.truth, GRID),
             title=name.replace("_", " "),
             dpi=72,
         )
-        print(OUT / f"{name}.png")
+        print(path)
+        written.append(path)
+    return written
 
 
 if __name__ == "__main__":
