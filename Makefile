@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/ctfactory phantom --n 16 --size 64 --seed 0 --out $(DEMO_OUT)/phantom --preview --overwrite
 	$(BIN)/ctfactory plan cohorts/demo.yaml --out $(DEMO_OUT)/demo-plan.parquet --plot $(DEMO_OUT)/demo-plan.png
 	$(BIN)/ctfactory generate cohorts/demo.yaml --out $(DEMO_OUT)/cohort
-	$(BIN)/ctfactory verify $(DEMO_OUT)/cohort
+	$(BIN)/ctfactory check $(DEMO_OUT)/cohort
 	$(BIN)/ctfactory eval $(DEMO_OUT)/cohort --reference $(DEMO_OUT)/phantom --split train
 	$(BIN)/ctfactory report $(DEMO_OUT)/cohort
 	@echo "demo: the cohort (Zarr + Parquet manifest) is in $(DEMO_OUT)/cohort; its QC report,"
@@ -49,7 +49,7 @@ demo-model: $(STAMP)
 	# learns effusion and cardiomegaly, the second consolidation (docs/benchmarks.md).
 	$(BIN)/ctfactory train diffusion --config train/configs/demo-diffusion.yaml --plot --resume --steps 8000
 	$(BIN)/ctfactory export-model $(DEMO_BUILD)/demo-runs/demo-diffusion --out $(DEMO_BUILD)/demo-model --name demo
-	$(BIN)/python -m train.demo_card $(DEMO_BUILD)/demo-model --data $(DEMO_BUILD)/demo-data \
+	$(BIN)/ctfactory card $(DEMO_BUILD)/demo-model --data $(DEMO_BUILD)/demo-data \
 	  --out factory/models/builtin/demo --docs-images docs/images/models
 	$(MAKE) demo-classifier
 

@@ -187,7 +187,7 @@ class NullGenerator:
     """Returns a constant volume at once: what is left is the factory's own cost."""
 
     def __init__(self, ref: str, storage_options=None):
-        checkpoint = load_checkpoint(ref, verify=False)
+        checkpoint = load_checkpoint(ref, hash_files=False)
         self.model_hash = checkpoint.hash
         self.size = tuple(checkpoint.config.size)
         self.spacing = tuple(checkpoint.config.spacing_mm)

@@ -26,11 +26,11 @@ import yaml
 from factory import vocab
 from factory.cohort.plan import make_plan
 from factory.cohort.spec import parse_spec
-from factory.evaluate.classifier import load_classifier
 from factory.evaluate.evaluation import Item, reference_items, score
 from factory.evaluate.measure import zones_from
 from factory.evaluate.metrics import distances, factual_correctness
 from factory.models.checkpoint import load_checkpoint
+from factory.models.classifier import load_classifier
 from factory.models.generator import Generator, Request
 
 ROOT = Path(__file__).resolve().parents[1]

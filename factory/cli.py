@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "factory.generate",
     "factory.store.cli",
     "factory.evaluate.cli",
+    "factory.card",
 )
 PLUGIN_GROUP = "ctfactory.commands"
 

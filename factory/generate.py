@@ -16,7 +16,7 @@ EXAMPLES = """examples:
 
 Re-running the same spec to the same output resumes it: committed volumes are kept, partial
 ones regenerated, none generated twice. Another spec into the same output is refused unless
---overwrite. Then: ctfactory status|verify|export URL (docs/factory.md)."""
+--overwrite. Then: ctfactory status|check|export URL (docs/factory.md)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -110,3 +110,46 @@ def montage(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def busiest_slices(
+    with_images: Sequence[np.ndarray], without_images: Sequence[np.ndarray]
+) -> list[int]:
+    """(x, y, z) voxel whose coronal (y) and axial (z) slices differ most between the paired
+    volumes: slices through a finding show it, where fixed mid-slices miss a posterior effusion."""
+    shape = np.asarray(with_images[0]).shape
+    diff = np.zeros(shape, np.float64)
+    for a, b in zip(with_images, without_images, strict=True):
+        diff += np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    centre = [s // 2 for s in shape]
+    if diff.sum() == 0:
+        return centre
+    return [centre[0], int(diff.sum(axis=(0, 2)).argmax()), int(diff.sum(axis=(0, 1)).argmax())]
+
+
+def columns_figure(
+    title: str,
+    panels: Sequence[tuple[str, np.ndarray]],
+    spacing: Sequence[float],
+    centre: Sequence[int],
+    window: tuple[float, float],
+    max_bytes: int,
+) -> bytes:
+    """PNG bytes: one column per (label, HU volume), axial and coronal rows through ``centre``,
+    grey between ``window`` HU; drawn at lower resolutions until it is at most ``max_bytes``."""
+    ratio = aspects(spacing)
+    fig, axes = pyplot().subplots(2, len(panels), figsize=(2.1 * len(panels), 5.0), squeeze=False)
+    for col, (label, hu) in enumerate(panels):
+        views = planes(np.asarray(hu), centre)
+        for row, name in enumerate(("axial", "coronal")):
+            ax = axes[row, col]
+            show_plane(ax, views[name], window, ratio[name])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title("\n".join(textwrap.wrap(label, 26)), fontsize=7)
+    axes[0, 0].set_ylabel(f"axial z={centre[2]}", fontsize=7)
+    axes[1, 0].set_ylabel(f"coronal y={centre[1]}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return figure_png(fig, dpis=(100, 80, 64, 50), max_bytes=max_bytes)

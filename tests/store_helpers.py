@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from factory.models.checkpoint import ModelCard
+from factory.models.card import ModelCard
 from factory.models.config import load_config
 from factory.models.generator import Generator
 from tests.train_helpers import SMALL_MODEL

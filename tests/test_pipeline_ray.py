@@ -41,7 +41,7 @@ def cli(cluster: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def in_process(capsys, *args: str) -> tuple[int, str]:
-    """``ctfactory ARGS`` in this process (status, verify, export start no Ray): code, stdout."""
+    """``ctfactory ARGS`` in this process (status, check, export start no Ray): code, stdout."""
     from factory.cli import main
 
     code = main(list(args))
@@ -59,7 +59,7 @@ def assert_complete(url: str, opts=None) -> None:
     manifest = cohort.read_manifest()
     assert manifest["volume_id"].is_unique
     assert sorted(manifest["volume_id"]) == sorted(cohort.plan_ids())
-    assert cohort.verify() == []
+    assert cohort.check() == []
     status = cohort.status()
     assert (status.partial, status.missing, status.uncommitted_markers) == (0, 0, 0)
 
@@ -81,8 +81,8 @@ def test_cli_end_to_end_and_two_actors_match_one(cluster, model, tmp_path, capsy
     assert image.shape == (32, 32, 32) and image.dtype == np.int16
     code, out = in_process(capsys, "status", str(one))
     assert code == 0 and out.startswith("planned 6 | done 6 | partial 0")
-    code, out = in_process(capsys, "verify", str(one))
-    assert code == 0 and "verified 6 volumes: ok" in out
+    code, out = in_process(capsys, "check", str(one))
+    assert code == 0 and "checked 6 volumes: ok" in out
     code, out = in_process(capsys, "export", str(one), "--nifti", str(tmp_path / "nii"))
     assert code == 0 and "exported 6 volumes" in out
     nifti = nib.load(tmp_path / "nii" / "train" / "train_1_a_1.nii.gz")
@@ -144,8 +144,13 @@ def test_s3_cohort_from_the_cli_survives_an_endpoint_outage(cluster, model, tmp_
     assert 1 <= log["committed_before"] < 8, "the outage did not happen mid-run"
     assert "8 of 8 in the cohort" in done.stdout
     assert_complete("s3://cohorts/c", options)
-    code, out = in_process(capsys, "verify", "s3://cohorts/c", *flags)
-    assert code == 0 and "verified 8 volumes: ok" in out
+    from factory.cli import main
+
+    # the deprecated spelling still checks, and says what to type instead
+    code = main(["verify", "s3://cohorts/c", *flags])
+    printed = capsys.readouterr()
+    assert code == 0 and "checked 8 volumes: ok" in printed.out
+    assert "deprecated, use `ctfactory check`" in printed.err
     # Read back through zarr on s3fs directly, and through the reader's dataset.
     cohort = open_cohort("s3://cohorts/c", options)
     vid = cohort.manifest["volume_id"].iloc[3]
@@ -221,7 +226,7 @@ def test_a_persistent_write_failure_names_the_volume_and_keeps_the_rest(cluster,
         generate_cohort(run, workers=1, batch_size=1)
     cohort = open_cohort(str(out))
     assert bad not in set(cohort.read_manifest()["volume_id"])
-    assert cohort.verify() == []  # what was committed is intact
+    assert cohort.check() == []  # what was committed is intact
     (out / "volumes" / bad).unlink()
     rerun, _totals = generate(spec)
     assert bad in set(rerun.todo.column("volume_id").to_pylist())

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory import vocab
-from factory.evaluate.classifier import FindingClassifier
 from factory.evaluate.metrics import factual_correctness
+from factory.models.classifier import FindingClassifier
 from train.config import TrainConfig
 from train.loop import Session, fit, split_decay
 from train.vae import held_out_rows

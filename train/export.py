@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from factory.errors import CtFactoryError
-from factory.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from factory.models.card import ModelCard
+from factory.models.checkpoint import load_checkpoint, save_checkpoint
 from train import classifier, clip, diffusion, vae
 from train.config import TrainConfig
 from train.loop import EMA, META_FILE

@@ -1,4 +1,5 @@
-"""NIfTI-1 encoding with a real affine, byte-reproducible (.nii.gz with a zero gzip mtime)."""
+"""NIfTI-1 encoding with a real affine, byte-reproducible (.nii.gz with a zero gzip mtime), and
+the matching reader."""
 
 from __future__ import annotations
 
@@ -27,3 +28,9 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def read_nifti(path: str | Path) -> np.ndarray:
+    """A NIfTI volume as stored (dtype kept), reoriented to RAS+ (x, y, z)."""
+    image = nib.as_closest_canonical(nib.load(str(path)))
+    return np.asarray(image.dataobj)

@@ -79,7 +79,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from factory.evaluate.classifier import load_classifier
     from factory.evaluate.evaluation import (
         ClipModel,
         cohort_items,
@@ -89,6 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from factory.evaluate.measure import zones_from
     from factory.models.checkpoint import load_checkpoint
+    from factory.models.classifier import load_classifier
     from factory.refs import ref_options
     from factory.store.fs import open_fs
     from factory.store.reader import open_cohort

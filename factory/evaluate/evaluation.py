@@ -26,8 +26,8 @@ from factory.data.ctrate import DatasetError, read_split
 from factory.data.transforms import preprocessing, sample
 from factory.errors import CtFactoryError
 from factory.evaluate import measure, metrics
-from factory.evaluate.classifier import FindingClassifier
 from factory.models.checkpoint import Checkpoint
+from factory.models.classifier import FindingClassifier
 from factory.models.clip import CLIP3D
 from factory.models.intensity import hu_to_unit, unit_to_hu
 

@@ -36,8 +36,8 @@ class Verifier:
         device=None,
         storage_options: dict | None = None,
     ):
-        from factory.evaluate.classifier import from_checkpoint
         from factory.models.checkpoint import load_checkpoint
+        from factory.models.classifier import from_checkpoint
 
         checkpoint = load_checkpoint(classifier_ref, storage_options=storage_options)
         self.hash = checkpoint.hash

@@ -18,7 +18,7 @@ A reference is ``builtin:NAME`` (``factory/models/builtin/NAME``), a local direc
 URL (``s3://bucket/model``, ``memory://...``; ``file://`` is a local directory). Remote checkpoints
 are downloaded once into a cache: ``cache_dir`` if given, else ``$CTFACTORY_CACHE/models``, else
 ``~/.cache/ct-factory/models``, one subdirectory per URL (the sha256 of the URL). A cached copy is
-reused while its checksums verify; a checkpoint replaced at the same URL needs a new URL or a
+reused while its checksums match; a checkpoint replaced at the same URL needs a new URL or a
 cleared cache entry. S3 credentials and endpoint come from the standard AWS variables
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) or from
 ``storage_options`` (e.g. ``{"endpoint_url": ...}``), passed to fsspec as is.
@@ -37,7 +37,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from factory.errors import CtFactoryError
+from factory.models.card import ModelCard
 from factory.models.config import ConfigError, ModelConfig, dump_config, parse_config
 from factory.refs import BUILTIN_PREFIX, REF_FORMS, RefError, parse_ref
 
@@ -56,6 +57,7 @@ CARD_JSON = "model_card.json"
 LABELS_FILE = "labels.csv"  # read by factory.cohort.reference for ``reference: model``
 CHECKSUMS_FILE = "checksums.json"
 IMAGES_DIR = "images"
+_CARRIED = {CONFIG_FILE, CARD_MARKDOWN, CARD_JSON, LABELS_FILE, CHECKSUMS_FILE}
 WEIGHTS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -63,39 +65,6 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 class CheckpointError(CtFactoryError, ValueError):
     """A checkpoint that cannot be saved, found or trusted; the message names directory and file."""
-
-
-@dataclass
-class ModelCard:
-    """What a model is for and how it was made; stored as model_card.md and model_card.json."""
-
-    name: str
-    description: str = ""
-    training_data: str = ""
-    steps: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    intended_use: str = "Research on synthetic chest CT; not for clinical use."
-    limitations: str = ""
-    license: str = "Apache-2.0"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_markdown(self) -> str:
-        """The card as Markdown for people reading the checkpoint directory."""
-        metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(self.metrics.items()))
-        sections = [
-            f"# {self.name}\n\n{self.description or '(no description)'}",
-            f"License: {self.license}",
-            f"## Training data\n\n{self.training_data or '(not recorded)'}",
-            f"## Training\n\nSteps: {self.steps:,}",
-            "## Metrics\n\n"
-            + (f"| metric | value |\n|---|---|\n{metrics}" if metrics else "(none recorded)"),
-            f"## Intended use\n\n{self.intended_use or '(not stated)'}",
-            f"## Limitations\n\n{self.limitations or '(not stated)'}",
-        ]
-        if self.extra:
-            extra = json.dumps(self.extra, indent=2, sort_keys=True)
-            sections.append(f"## Extra\n\n```json\n{extra}\n```")
-        return "\n\n".join(sections) + "\n"
 
 
 @dataclass
@@ -183,7 +152,7 @@ def _read_checksums(directory: Path) -> tuple[dict[str, str], str]:
     return files, recorded
 
 
-def _verify(directory: Path, hash_files: bool) -> str:
+def _check_files(directory: Path, hash_files: bool) -> str:
     """Check a checkpoint directory against its checksums.json; returns its content hash.
 
     Refuses pickles first, then checks the required files, the file set, and (``hash_files``)
@@ -288,13 +257,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"{directory}: no networks to save; give at least one of {', '.join(NETWORKS)}"
         )
-    if directory.exists() and not (
-        directory.is_dir() and (_is_checkpoint(directory) or not any(directory.iterdir()))
-    ):
-        raise CheckpointError(
-            f"{directory}: exists and is not a ct-factory checkpoint (no {CHECKSUMS_FILE} and "
-            f"{CONFIG_FILE}); refusing to overwrite it: choose a new directory or remove it"
-        )
+    check_destination(directory)
     bad = [n for n in images or {} if not re.fullmatch(r"[A-Za-z0-9_.-]+\.png", n)]
     if bad:
         raise CheckpointError(f"{directory}: image names must be plain NAME.png files: {bad}")
@@ -330,6 +293,54 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return digest
+
+
+def check_destination(directory: str | Path) -> None:
+    """Refuse to write a checkpoint over anything but nothing, an empty directory or a
+    checkpoint; callers with slow work to do before saving check first."""
+    directory = Path(directory)
+    if directory.exists() and not (
+        directory.is_dir() and (_is_checkpoint(directory) or not any(directory.iterdir()))
+    ):
+        raise CheckpointError(
+            f"{directory}: exists and is not a ct-factory checkpoint (no {CHECKSUMS_FILE} and "
+            f"{CONFIG_FILE}); refusing to overwrite it: choose a new directory or remove it"
+        )
+
+
+def check_carried(checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint holding files that :func:`save_with_card` would silently drop."""
+    directory = checkpoint.directory
+    dropped = [
+        p.relative_to(directory).as_posix()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+        and p.name not in _CARRIED
+        and not p.name.endswith(WEIGHTS_SUFFIX)
+        and p.parent.name != IMAGES_DIR
+    ]
+    if dropped:
+        raise CheckpointError(
+            f"{directory}: holds files a new card cannot carry over ({', '.join(dropped)}); "
+            "only config, weights, model card, labels.csv and images are rewritten"
+        )
+
+
+def save_with_card(
+    checkpoint: Checkpoint, directory: str | Path, card: ModelCard, images: Mapping[str, bytes]
+) -> str:
+    """Write ``checkpoint`` (config, weights and labels unchanged) with a new card and its
+    pictures to ``directory``; returns the new content hash."""
+    check_carried(checkpoint)
+    labels = checkpoint.directory / LABELS_FILE
+    return save_checkpoint(
+        directory,
+        checkpoint.config,
+        checkpoint.weights,
+        card,
+        labels_csv=labels if labels.is_file() else None,
+        images=images,
+    )
 
 
 def _builtin(name: str) -> Path:
@@ -373,7 +384,7 @@ def _download(fs: Any, root: str, url: str, target: Path) -> None:
 
 
 def _cached(
-    url: str, cache_dir: Path | None, storage_options: dict | None, verify: bool
+    url: str, cache_dir: Path | None, storage_options: dict | None, hash_files: bool
 ) -> tuple[Path, str]:
     """The local copy of a remote checkpoint and its content hash, verified; downloaded
     (atomically) unless a copy that verifies is already cached."""
@@ -383,7 +394,7 @@ def _cached(
     entry = _cache_root(cache_dir) / hashlib.sha256(url.encode()).hexdigest()
     if entry.is_dir():
         try:
-            return entry, _verify(entry, hash_files=verify)
+            return entry, _check_files(entry, hash_files)
         except CheckpointError:
             pass  # a stale or damaged copy: download afresh below
     try:
@@ -395,7 +406,7 @@ def _cached(
     tmp.mkdir()
     try:
         _download(fs, root, url, tmp)
-        digest = _verify(tmp, hash_files=True)
+        digest = _check_files(tmp, hash_files=True)
         _swap_into_place(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -403,7 +414,7 @@ def _cached(
 
 
 def _locate(
-    ref: str | Path, cache_dir: Path | None, storage_options: dict | None, verify: bool
+    ref: str | Path, cache_dir: Path | None, storage_options: dict | None, hash_files: bool
 ) -> tuple[Path, str | None]:
     """The local directory for ``ref``, with its content hash when already verified."""
     try:
@@ -413,7 +424,7 @@ def _locate(
     if parsed.kind == "builtin":
         return _builtin(parsed.name), None
     if parsed.kind == "remote":
-        return _cached(parsed.url, cache_dir, storage_options, verify)
+        return _cached(parsed.url, cache_dir, storage_options, hash_files)
     return Path(parsed.path), None
 
 
@@ -421,7 +432,7 @@ def resolve(
     ref: str | Path, cache_dir: Path | None = None, storage_options: dict | None = None
 ) -> Path:
     """The local directory of a checkpoint reference, downloading a remote one if needed."""
-    path, _ = _locate(ref, cache_dir, storage_options, verify=True)
+    path, _ = _locate(ref, cache_dir, storage_options, hash_files=True)
     if not path.is_dir():
         raise CheckpointError(f"{ref}: no such checkpoint directory; expected {REF_FORMS}")
     return path
@@ -463,7 +474,7 @@ def describe(ref: str | Path, storage_options: dict | None = None) -> tuple[Mode
             return ModelCard(**card), str(sums["content_hash"])
         except Exception as exc:
             raise CheckpointError(f"{url}: cannot read its model card: {exc}") from exc
-    directory, _ = _locate(ref, None, storage_options, verify=False)
+    directory, _ = _locate(ref, None, storage_options, hash_files=False)
     if not directory.is_dir():
         raise CheckpointError(f"{ref}: no such checkpoint directory")
     _, digest = _read_checksums(directory)
@@ -473,16 +484,16 @@ def describe(ref: str | Path, storage_options: dict | None = None) -> tuple[Mode
 def load_checkpoint(
     ref: str | Path,
     cache_dir: Path | None = None,
-    verify: bool = True,
+    hash_files: bool = True,
     storage_options: dict | None = None,
 ) -> Checkpoint:
     """Load a checkpoint by reference (see the module docstring), never unpickling anything.
 
-    ``verify`` checks every file's sha256 against checksums.json; without it only the file set
+    ``hash_files`` checks every file's sha256 against checksums.json; without it only the file set
     is checked and the recorded hash is trusted. ``storage_options`` go to fsspec for URLs.
     """
-    directory, digest = _locate(ref, cache_dir, storage_options, verify)
-    digest = digest or _verify(directory, hash_files=verify)
+    directory, digest = _locate(ref, cache_dir, storage_options, hash_files)
+    digest = digest or _check_files(directory, hash_files)
     config = _read_config(directory)
     card = _read_card(directory)
     weights: dict[str, dict[str, torch.Tensor]] = {}

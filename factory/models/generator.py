@@ -17,7 +17,8 @@ import torch
 
 from factory.errors import CtFactoryError
 from factory.geometry import Grid
-from factory.models.checkpoint import Checkpoint, ModelCard, load_checkpoint, save_checkpoint
+from factory.models.card import ModelCard
+from factory.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from factory.models.config import ModelConfig
 from factory.models.diffusion import TextConditionedUNet
 from factory.models.intensity import latent_to_mask, mask_to_latent, unit_to_hu

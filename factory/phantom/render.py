@@ -8,6 +8,7 @@ they were: the difference between two renders is the finding itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +23,8 @@ from factory.phantom.canvas import Canvas
 from factory.phantom.findings import RENDERERS
 
 HU_MIN, HU_MAX = -1024, 3071
+SUBJECT_SEED = 20240  # render_subjects' subjects (sex alternates, ages cycle SUBJECT_AGES)
+SUBJECT_AGES = (62, 48, 71, 55)
 REFERENCE_VOXEL_MM3 = 0.75 * 0.75 * 1.5  # noise levels are quoted at CT-RATE's voxel size
 
 
@@ -108,3 +111,25 @@ def measure(image: np.ndarray, labels: np.ndarray, grid: Grid) -> dict:
         "lung_volume_ml": round(float(lung.sum()) * grid.voxel_ml, 1),
         "heart_volume_ml": round(float(heart.sum()) * grid.voxel_ml, 1),
     }
+
+
+def render_subjects(
+    grid: Grid, findings: Mapping[str, Mapping[str, object]], n: int
+) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """HU images of ``n`` fixed subjects without findings and with each of ``findings`` (finding
+    -> attributes, the rest drawn): the same subjects render both, so each difference is the
+    finding. The real reference of the prompt-pair experiment."""
+    without: list[np.ndarray] = []
+    with_finding: dict[str, list[np.ndarray]] = {fid: [] for fid in findings}
+    for i in range(n):
+        sex = "MF"[i % 2]
+        age = SUBJECT_AGES[i % len(SUBJECT_AGES)]
+        without.append(
+            render_phantom(grid, {}, sex, age, np.random.SeedSequence([SUBJECT_SEED, i])).image
+        )
+        for fid, attributes in findings.items():
+            rng = np.random.default_rng([SUBJECT_SEED, i])
+            attrs = vocab.complete_attributes(fid, dict(attributes), rng)
+            seed = np.random.SeedSequence([SUBJECT_SEED, i])
+            with_finding[fid].append(render_phantom(grid, {fid: attrs}, sex, age, seed).image)
+    return without, with_finding

@@ -1,4 +1,8 @@
-"""``ctfactory status | verify | export``: look after a cohort store, wherever it lives."""
+"""``ctfactory status | check | export``: look after a cohort store, wherever it lives.
+
+``verify`` is the deprecated spelling of ``check`` (until 0.3): "verify" now means only a cohort
+spec's label verification, which checks what a volume shows, not how it is stored.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ EXAMPLES = {
     "status": """examples:
   ctfactory status demo-out/cohort
   ctfactory status s3://my-bucket/cohorts/effusion --endpoint-url http://127.0.0.1:9000""",
-    "verify": """examples:
-  ctfactory verify demo-out/cohort
+    "check": """examples:
+  ctfactory check demo-out/cohort
 Reads every committed volume back (a missing chunk is an error, never fill values) and checks
 its shape and checksums against the manifest. Exit status 1 when anything is wrong.""",
     "export": """examples:
@@ -53,19 +57,26 @@ def storage_options(args: argparse.Namespace) -> dict:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``status``, ``verify`` and ``export`` commands."""
+    """Add the ``status``, ``check`` and ``export`` commands (and ``verify``, deprecated)."""
     helps = {
         "status": "count a cohort's done, partial and missing volumes",
-        "verify": "read every committed volume back and check it against the manifest",
+        "check": "read every committed volume back and check it against the manifest",
         "export": "export a cohort (or some volumes) as NIfTI in CT-RATE layout",
+        "verify": "deprecated spelling of `check` (removed in 0.3)",
     }
-    for name, func in (("status", run_status), ("verify", run_verify), ("export", run_export)):
+    commands = (
+        ("status", run_status),
+        ("check", run_check),
+        ("export", run_export),
+        ("verify", run_verify),
+    )
+    for name, func in commands:
         parser = subparsers.add_parser(
             name,
             help=helps[name],
-            description=helps[name].capitalize() + ".",
+            description=helps[name][0].upper() + helps[name][1:] + ".",
             formatter_class=HelpFormatter,
-            epilog=EXAMPLES[name],
+            epilog=EXAMPLES.get(name, EXAMPLES["check"]),
         )
         parser.add_argument("url", metavar="URL", help="the cohort: a path, file:// or s3:// URL")
         add_storage_args(parser)
@@ -89,19 +100,29 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def run_check(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     cohort = _open(args)
     manifest_rows = len(cohort.read_manifest())
-    with tqdm(total=manifest_rows, unit="vol", desc="verify", mininterval=1.0) as bar:
-        problems = cohort.verify(progress=bar.update)
+    with tqdm(total=manifest_rows, unit="vol", desc="check", mininterval=1.0) as bar:
+        problems = cohort.check(progress=bar.update)
     status = cohort.status()
     for line in problems:
         print(line, file=sys.stderr)
     verdict = "ok" if not problems else f"{len(problems)} problem(s)"
-    print(f"verified {manifest_rows:,} volumes: {verdict} | {status.text()}")
+    print(f"checked {manifest_rows:,} volumes: {verdict} | {status.text()}")
     return 1 if problems else 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """The deprecated spelling: says so once, then checks."""
+    print(
+        "ctfactory verify: deprecated, use `ctfactory check` (the same check; `verify` goes in "
+        "0.3 and then means only a spec's label verification)",
+        file=sys.stderr,
+    )
+    return run_check(args)
 
 
 def run_export(args: argparse.Namespace) -> int:

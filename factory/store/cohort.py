@@ -300,7 +300,7 @@ class CohortStore:
             uncommitted_markers=len(committed - done),
         )
 
-    def verify(self, progress=None) -> list[str]:
+    def check(self, progress=None) -> list[str]:
         """Every manifest row's volume read back (missing chunks are errors) and compared with
         its shape and checksums; every row must have its marker. Returns the problems found."""
         manifest = self.read_manifest()

@@ -12,10 +12,11 @@ import torch
 
 from factory import vocab
 from factory.cli import main
-from factory.evaluate.classifier import FindingClassifier, load_classifier
 from factory.evaluate.evaluation import compare, reference_items, score
 from factory.evaluate.measure import zones_from
-from factory.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from factory.models.card import ModelCard
+from factory.models.checkpoint import load_checkpoint, save_checkpoint
+from factory.models.classifier import FindingClassifier, load_classifier
 from factory.models.config import load_config
 from factory.pipeline import VolumeWriter, prepare_run
 from factory.store.cohort import CohortStore

@@ -13,9 +13,10 @@ import torch
 import yaml
 
 from factory.cohort.spec import SpecError
-from factory.evaluate.classifier import FindingClassifier
 from factory.evaluate.run_summary import summary
-from factory.models.checkpoint import ModelCard, save_checkpoint
+from factory.models.card import ModelCard
+from factory.models.checkpoint import save_checkpoint
+from factory.models.classifier import FindingClassifier
 from factory.models.config import load_config
 from factory.models.generator import Generator, Request
 from factory.pipeline import Totals, VolumeWriter, prepare_run

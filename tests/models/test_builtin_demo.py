@@ -34,8 +34,8 @@ def test_builtin_demo_generates_a_volume_on_its_grid():
 
 def test_builtin_demo_classifier_is_honest_and_tells_effusion_and_cardiomegaly_apart():
     from factory import vocab
-    from factory.evaluate.classifier import load_classifier
     from factory.geometry import Grid
+    from factory.models.classifier import load_classifier
     from factory.phantom.render import render_phantom
 
     checkpoint = load_checkpoint("builtin:demo-classifier")

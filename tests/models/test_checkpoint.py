@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from factory.models import checkpoint as ckpt
+from factory.models.card import ModelCard
 from factory.models.checkpoint import (
     Checkpoint,
     CheckpointError,
-    ModelCard,
     content_hash,
     load_checkpoint,
     resolve,
     save_checkpoint,
+    save_with_card,
 )
 from factory.models.config import dump_config, load_config
 
@@ -125,13 +126,13 @@ def test_any_changed_byte_fails_load_naming_the_file(saved: tuple[Path, str], na
         load_checkpoint(directory)
 
 
-def test_verify_false_checks_file_set_but_not_contents(saved: tuple[Path, str]) -> None:
+def test_hash_files_false_checks_file_set_but_not_contents(saved: tuple[Path, str]) -> None:
     directory, digest = saved
     (directory / "model_card.md").write_text("edited")
-    assert load_checkpoint(directory, verify=False).hash == digest
+    assert load_checkpoint(directory, hash_files=False).hash == digest
     (directory / "labels.csv").unlink()
     with pytest.raises(CheckpointError, match=r"missing labels.csv"):
-        load_checkpoint(directory, verify=False)
+        load_checkpoint(directory, hash_files=False)
 
 
 def test_edited_checksums_file_is_refused(saved: tuple[Path, str]) -> None:
@@ -265,6 +266,32 @@ def test_labels_are_copied_and_hashed(saved: tuple[Path, str], tmp_path: Path) -
     assert "labels.csv" in recorded
     without = save_checkpoint(tmp_path / "bare", load_config("tiny"), _weights(), _card())
     assert without != with_labels
+
+
+def test_save_with_card_keeps_the_model_and_replaces_card_and_pictures(
+    saved: tuple[Path, str], tmp_path: Path
+) -> None:
+    directory, digest = saved
+    source = load_checkpoint(directory)
+    out = tmp_path / "recarded"
+    new = save_with_card(source, out, ModelCard(name="v2"), {"pair.png": b"\x89PNG fake"})
+    written = load_checkpoint(out)
+    assert new == written.hash != digest
+    assert written.card.name == "v2" and written.config == source.config
+    assert (out / "labels.csv").read_text() == LABELS
+    assert (out / "images" / "pair.png").read_bytes() == b"\x89PNG fake"
+    for network, state in source.weights.items():
+        assert all(torch.equal(t, written.weights[network][k]) for k, t in state.items())
+
+
+def test_save_with_card_refuses_files_it_would_drop(saved: tuple[Path, str], tmp_path) -> None:
+    directory, _ = saved
+    (directory / "tokenizer.json").write_text("{}")  # a file another writer added and recorded
+    _rewrite_checksums(directory)
+    source = load_checkpoint(directory)
+    with pytest.raises(CheckpointError, match=r"cannot carry over \(tokenizer.json\)"):
+        save_with_card(source, tmp_path / "out", ModelCard(name="v2"), {})
+    assert not (tmp_path / "out").exists()
 
 
 def test_builtin_registry(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from factory.models.checkpoint import ModelCard
+from factory.models.card import ModelCard
 from factory.models.config import load_config
 from factory.models.generator import Generator, Request, RequestError
 from factory.models.intensity import latent_to_mask, mask_to_latent

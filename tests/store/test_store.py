@@ -101,12 +101,12 @@ def test_overlapping_masks_survive_bit_packing():
         pack_masks({**masks, "i": masks["a"]}, [*masks, "i"])
 
 
-def test_commit_protocol_status_and_verify(written):
+def test_commit_protocol_status_and_check(written):
     _, run, writer, rows = written
     cohort = open_cohort(run.url)
     assert [r["status"] for r in rows] == ["written"] * 4
     assert list(cohort.manifest["volume_id"]) == [r["volume_id"] for r in rows]
-    assert cohort.verify() == []
+    assert cohort.check() == []
     status = cohort.status()
     assert (status.planned, status.done, status.partial, status.missing) == (6, 4, 0, 2)
     # The manifest carries the labels under CT-RATE column names and the provenance.
@@ -121,7 +121,7 @@ def test_commit_protocol_status_and_verify(written):
     assert [r["hu_sha256"] for r in again] == [r["hu_sha256"] for r in rows[:2]]
 
 
-def test_verify_finds_missing_and_damaged_chunks(written, tmp_path):
+def test_check_finds_missing_and_damaged_chunks(written, tmp_path):
     _, run, _, rows = written
     import shutil
 
@@ -133,7 +133,7 @@ def test_verify_finds_missing_and_damaged_chunks(written, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # a flipped byte inside the compressed chunk
     shard.write_bytes(bytes(data))
-    problems = open_cohort(str(copy)).verify()
+    problems = open_cohort(str(copy)).check()
     assert f"{first}: shard c/0/0/0 is missing" in problems, problems
     assert any(p.startswith(second) for p in problems), problems
     assert not any(rows[2]["volume_id"] in p for p in problems)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from factory.evaluate.classifier import LabelSetError, load_classifier
-from factory.models.checkpoint import ModelCard, save_checkpoint
+from factory.models.card import ModelCard
+from factory.models.checkpoint import save_checkpoint
+from factory.models.classifier import LabelSetError, load_classifier
 from factory.models.config import load_config
 from factory.models.intensity import unit_to_hu
 from tests.train_helpers import SMALL_MODEL, config, make_dataset, phantom_split

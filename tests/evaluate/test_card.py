@@ -1,4 +1,4 @@
-"""``python -m train.demo_card``: the yardstick's pieces, and a whole run on an untrained model."""
+"""``ctfactory card``: the prompt-pair yardstick's pieces, and a whole run on an untrained model."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from factory.models.checkpoint import ModelCard, load_checkpoint
+from factory.cli import main
+from factory.evaluate.prompt_pairs import MAX_PNG_BYTES, PAIRS, pair_results, verdict
+from factory.models.card import ModelCard
+from factory.models.checkpoint import load_checkpoint
 from factory.models.config import load_config, parse_config
+from factory.viz import columns_figure
 from tests.conftest import ctfactory_bin
-from train import demo_card
-from train.demo_card import MAX_PNG_BYTES, PAIRS, pair_figure, pair_results, verdict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The tiny config at half resolution (32^3 of 11.9 x 11.9 x 10 mm, the phantom's default field of
@@ -30,11 +32,11 @@ KEYS = ("with", "without", "difference", "real_with", "real_without")
 
 
 # ----- the measuring functions ----------------------------------------------------------------
-def test_pair_figure_is_a_small_png():
+def test_columns_figure_is_a_small_png():
     rng = np.random.default_rng(0)
     panels = [(f"panel {i}", rng.integers(-1000, 200, (32, 32, 32), dtype=np.int16)) for i in "ab"]
-    data = pair_figure("noise", panels, (5.9, 5.9, 5.0), [16, 16, 16])
-    assert data.startswith(PNG_SIGNATURE) and len(data) <= MAX_PNG_BYTES
+    data = columns_figure("noise", panels, (5.9, 5.9, 5.0), [16, 16, 16], (-1000, 200), 60_000)
+    assert data.startswith(PNG_SIGNATURE) and len(data) <= 60_000
 
 
 def test_emphysema_is_measured_by_perc15_and_laa950():
@@ -84,12 +86,12 @@ def run(inputs, tmp_path_factory) -> tuple[Path, Path, str]:
     model, data = inputs
     out = tmp_path_factory.mktemp("out") / "demo"
     docs = tmp_path_factory.mktemp("docs")
-    argv = [str(model), "--data", str(data), "--out", str(out), "--docs-images", str(docs)]
+    argv = ["card", str(model), "--data", str(data), "--out", str(out), "--docs-images", str(docs)]
     argv += ["--seeds", "1", "--steps", "2", "--reference", "1"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a busy machine oversubscribed threads make this 10x slower
     try:
-        assert demo_card.main(argv) == 0
+        assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
     return out, docs, str(model)
@@ -107,8 +109,11 @@ def test_run_writes_a_verified_checkpoint_with_pictures(run):
         assert f"](images/{name})" in checkpoint.card.description
     assert (out / "labels.csv").is_file()
     assert "images/pair-pleural_effusion.png" in checkpoint.card.extra["images"]
-    assert checkpoint.card.extra["demo_card"]["seeds"] == [0]
-    assert checkpoint.card.extra["demo_card"]["negations"] == "guide"  # SMALL's default
+    settings = checkpoint.card.extra["prompt_pairs"]
+    assert settings["seeds"] == [0]
+    # --steps given, --guidance not: the model's own, as its diffusion config states it
+    assert (settings["steps"], settings["guidance"]) == (2, SMALL.diffusion.sampling.guidance)
+    assert checkpoint.card.extra["prompt_pairs"]["negations"] == "guide"  # SMALL's default
     assert "`text.negations: guide`" in checkpoint.card.description
     assert checkpoint.card.extra["wall_s"] == 60.0  # the source card's extra is kept
 
@@ -146,11 +151,11 @@ def test_bad_inputs_are_one_line_and_status_2(inputs, tmp_path, capsys):
     model, data = inputs
     not_model = tmp_path / "nothing"
     not_model.mkdir()
-    assert demo_card.main([str(not_model), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert main(["card", str(not_model), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(not_model) in err
     no_valid = tmp_path / "empty-data"
     no_valid.mkdir()
-    assert demo_card.main([str(model), "--data", str(no_valid), "--out", str(tmp_path / "o")]) == 2
+    assert main(["card", str(model), "--data", str(no_valid), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(no_valid) in err and "valid" in err
