@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factory.console import HelpFormatter
+from factory.console import HelpFormatter, keep_log, libraries_to_log, log_line, run_log
 from factory.errors import UsageError
 from factory.store.cli import add_storage_args, storage_options
 
@@ -44,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, metavar="K", help="generate at most K volumes now")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace another cohort at the output"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, Ray Data's and the libraries' messages here, not in the run's log",
     )
     add_storage_args(parser)
     parser.set_defaults(func=run)
@@ -89,8 +94,20 @@ def run(args: argparse.Namespace) -> int:
         f"cohort {run.settings.cohort_id}: {run.plan.n:,} planned, {run.done_before:,} already "
         f"in {run.url} ({run.state}), {todo:,} to generate with {args.workers} worker(s)"
     )
-    with tqdm(total=todo, unit="vol", desc="generate", mininterval=1.0, smoothing=0.1) as bar:
-        try:
+    store = CohortStore(run.url, run.storage_options)
+    log = None if args.verbose else run_log(run.url, "generate")
+    try:
+        with (
+            libraries_to_log(log) as console,
+            tqdm(
+                total=todo,
+                unit="vol",
+                desc="generate",
+                mininterval=1.0,
+                smoothing=0.1,
+                file=console,
+            ) as bar,
+        ):
             totals = generate_cohort(
                 run,
                 workers=args.workers,
@@ -98,13 +115,17 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 progress=lambda rows: bar.update(len(rows)),
             )
-        except Exception as exc:  # a failure that retries did not mend: name it, keep the rest
-            cause = exc if isinstance(exc, GenerationError) else root_cause(exc)
-            print(
-                f"ctfactory generate: failed: {type(cause).__name__}: {cause}\n"
-                f"committed volumes are kept; re-run the same command to resume",
-                file=sys.stderr,
-            )
-            return 1
-    print(write_run_summary(CohortStore(run.url, run.storage_options), run.plan, totals, run))
+    except Exception as exc:  # a failure that retries did not mend: name it, keep the rest
+        cause = exc if isinstance(exc, GenerationError) else root_cause(exc)
+        print(
+            f"ctfactory generate: failed: {type(cause).__name__}: {cause}\n"
+            f"committed volumes are kept; re-run the same command to resume",
+            file=sys.stderr,
+        )
+        if log is not None:
+            print(log_line(keep_log(log, run.url, store.put)), file=sys.stderr)
+        return 1
+    print(write_run_summary(store, run.plan, totals, run))
+    if log is not None:
+        print(log_line(keep_log(log, run.url, store.put)))
     return 0

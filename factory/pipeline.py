@@ -45,6 +45,7 @@ class Run:
     state: str  # created / resumed / overwritten
     recovered: int  # committed volumes whose lost manifest rows were restored
     done_before: int
+    text_tokens: int  # the model's text.max_tokens, for the end-of-run warning on cut prompts
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Totals:
     write_s: float = 0.0
     wall_s: float = 0.0
     manifest_parts: int = 0
+    prompts_cut: int = 0  # written volumes whose prompt the text encoder cut
+    most_tokens_cut: int = 0
     rows: list[dict] = field(default_factory=list)
 
     def add(self, rows: list[dict]) -> None:
@@ -69,6 +72,9 @@ class Totals:
                 self.written += 1
                 self.generate_s += r["generate_s"]
                 self.write_s += r["write_s"]
+                cut = r.get("prompt_cut") or 0
+                self.prompts_cut += cut > 0
+                self.most_tokens_cut = max(self.most_tokens_cut, cut)
             else:
                 self.skipped += 1
             self.bytes_stored += r["bytes_stored"]
@@ -104,10 +110,10 @@ def verify_settings(spec, model, classifier) -> dict:
     """The spec's ``verify`` block as run: the classifier (and its hash), threshold, attempts
     and the columns checked. A classifier without those outputs, or on another grid than the
     model's, is refused here, before anything is generated."""
-    from factory.cohort.spec import SpecError
+    from factory.cohort.errors import SpecError
 
     ref = spec.verify.classifier
-    columns = spec.verify.columns(spec)
+    columns = list(spec.resolved.verify_columns)
     if not columns:
         raise SpecError(
             ("verify", "findings"), "no findings to check: name them here or under labels"
@@ -180,7 +186,8 @@ def prepare_run(
         table = table.filter(keep)
     if limit is not None:
         table = table.slice(0, limit)
-    return Run(url, storage_options, settings, plan, table, state, recovered, len(done))
+    tokens = checkpoint.config.text.max_tokens
+    return Run(url, storage_options, settings, plan, table, state, recovered, len(done), tokens)
 
 
 def load_actor_generator(ref: str, storage_options: dict | None = None):
@@ -344,7 +351,8 @@ class VolumeWriter:
             **verdict,
         }
         created = self.store.commit(result)
-        return {**result, "status": "written" if created else "skipped"}
+        cut = getattr(volume, "prompt_cut", 0)
+        return {**result, "status": "written" if created else "skipped", "prompt_cut": cut}
 
 
 def _finding_columns() -> tuple[str, ...]:

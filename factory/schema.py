@@ -64,9 +64,15 @@ RESULT_FIELDS: list[pa.Field] = [
 ]
 MANIFEST_SCHEMA = pa.schema([*PLAN_FIELDS, *RESULT_FIELDS])
 # What an actor returns per volume: its manifest row, "written", "skipped" (committed before)
-# or "failed" (a write fault that retries did not mend), and the error of a failed one.
-RESULT_SCHEMA = MANIFEST_SCHEMA.append(pa.field("status", pa.string())).append(
-    pa.field("error", pa.string())
+# or "failed" (a write fault that retries did not mend), the error of a failed one, and how
+# many tokens of its prompt the text encoder cut (null when not generated now).
+RESULT_SCHEMA = pa.schema(
+    [
+        *MANIFEST_SCHEMA,
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("prompt_cut", pa.int32()),
+    ]
 )
 # The plan columns a volume's own record (its Zarr group attributes) repeats.
 RECORD_KEYS = ("volume_id", "index", "prompt", "seed", "age", "sex", "profile")

@@ -74,6 +74,26 @@ def test_cli_end_to_end_and_two_actors_match_one(cluster, model, tmp_path, capsy
     assert (one / "report" / "montage.png").read_bytes()[:4] == b"\x89PNG"
     assert_complete(str(one))
 
+    # The console holds ct-factory's progress, plain warnings and the summary; Ray's, Ray
+    # Data's and the actors' library lines are in the run's log, which the summary names.
+    for noise in ("INFO", "core_worker", "Loading weights", "PromptTruncated"):
+        assert noise not in done.stderr, noise
+    logs = list((one / "logs").glob("generate-*.log"))
+    assert len(logs) == 1 and f"log: {logs[0]}" in done.stdout
+    assert "streaming_executor" in logs[0].read_text()
+    # Prompts over the small model's 64 tokens, counted here with the tokenizer itself.
+    from transformers import AutoTokenizer
+
+    from factory.models.negation import conditioning
+    from factory.models.text import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    prompts = open_cohort(str(one)).manifest["prompt"]
+    cut = sum(len(tokenizer(conditioning(p, "guide").affirmed)["input_ids"]) > 64 for p in prompts)
+    assert cut > 0
+    warning = f"warning: {cut} of 6 prompts were longer than the text encoder's 64 tokens"
+    assert warning in done.stdout
+
     # Independent readers: zarr-python on the documented paths, and the exported NIfTI.
     cohort = open_cohort(str(one))
     first = cohort.manifest.iloc[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from factory.console import HelpFormatter
+from factory.console import HelpFormatter, keep_log, libraries_to_log, log_line, run_log
 from factory.errors import UsageError
 from train.config import TASKS, load_train_config
 
@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
     p.add_argument("--plot", action="store_true", help="draw curves.png in the run when done")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, Ray Train's and the libraries' messages here, not in the run's log",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -111,9 +116,18 @@ def run_train(args: argparse.Namespace) -> int:
     if declared not in (None, args.task):
         raise UsageError(f"--config {args.config} is for task {declared!r}, not {args.task!r}")
     cfg = load_train_config(args.config, overrides(args))
-    result = launch(cfg, resume=args.resume)
+    log = None if args.verbose else run_log(cfg.run_url, f"train-{args.task}")
+
+    def put(name: str, data: bytes) -> None:
+        write_url(f"{cfg.run_url}/{name}", data, cfg.storage_options)
+
+    with libraries_to_log(log):
+        result = launch(cfg, resume=args.resume)
+    kept = log_line(keep_log(log, cfg.run_url, put)) if log is not None else None
     if result.error is not None:
         print(f"ctfactory train {args.task}: training failed: {result.error}")
+        if kept:
+            print(kept)
         return 1
     print(f"run: {cfg.run_url}")
     print(f"newest checkpoint: {result.checkpoint.path if result.checkpoint else '(none)'}")
@@ -122,6 +136,8 @@ def run_train(args: argparse.Namespace) -> int:
         png = plot_curves(read_metrics(cfg.run_url, cfg.storage_options), cfg.run_name)
         write_url(f"{cfg.run_url}/curves.png", png, cfg.storage_options)
         print(f"curves: {cfg.run_url}/curves.png")
+    if kept:
+        print(kept)
     return 0
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from factory.console import LOGS
 from factory.errors import CtFactoryError
 from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray
 from train import classifier, clip, diffusion, vae
@@ -69,7 +70,8 @@ def check_run(cfg: TrainConfig, resume: bool) -> dict | None:
     fs, path = run_fs(cfg)
     meta = latest_meta(cfg)
     started = fs.exists(path) and any(
-        not p.rsplit("/", 1)[-1].startswith(".") for p in fs.ls(path, detail=False)
+        not name.startswith(".") and name != LOGS  # a failed start's log is not a run
+        for name in (p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
     )
     if not resume and started:
         raise LaunchError(

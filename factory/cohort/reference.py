@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from factory import vocab
-from factory.cohort.spec import CohortSpec
+from factory.cohort.spec_schema import CohortSpec
 from factory.refs import parse_ref
 
 PHANTOM_SIZE = 20_000  # label sets drawn from the phantom's population model

@@ -8,7 +8,7 @@ import numpy as np
 from factory import vocab
 from factory.cohort.distributions import Bins, Choice, Numeric
 from factory.cohort.plan import Plan
-from factory.cohort.spec import Rule
+from factory.cohort.resolved import Rule
 
 _WIDTH = 38
 

@@ -114,7 +114,24 @@ def summary(plan, manifest: pd.DataFrame, totals, run) -> tuple[str, dict]:
     ]
     if verification is not None:
         lines += ["", *verification_lines(verification)]
+    warnings = run_warnings(totals, run)
+    facts["warnings"] = warnings
+    if warnings:
+        lines += ["", *(f"warning: {w}" for w in warnings)]
     return "\n".join(lines), facts
+
+
+def run_warnings(totals, run) -> list[str]:
+    """What the user should act on, once per run and in plain words."""
+    out = []
+    if totals.prompts_cut:
+        out.append(
+            f"{totals.prompts_cut:,} of {totals.written:,} prompts were longer than the text "
+            f"encoder's {run.text_tokens} tokens and were cut (by up to "
+            f"{totals.most_tokens_cut} tokens); a shorter prompt style (prompt.style: structured) "
+            "or a model with a larger text.max_tokens keeps them whole"
+        )
+    return out
 
 
 def verification_rates(manifest: pd.DataFrame, verify: dict | None) -> dict | None:

@@ -61,6 +61,7 @@ class Volume:
     seed: int
     model_hash: str
     sampler: dict = field(default_factory=dict)
+    prompt_cut: int = 0  # tokens of the conditioning text beyond the text encoder's limit
 
 
 def default_device() -> torch.device:
@@ -207,6 +208,7 @@ class Generator:
         hu = unit_to_hu(image[:, 0], cfg.hu_window)
         masks = self._masks(latents[:, cfg.vae.latent_channels :].float())
         settings = {"steps": steps, "guidance": guidance, "scheduler": kind}
+        cut = self.text.overflow([t.affirmed for t in texts])
         return [
             Volume(
                 hu=hu[b],
@@ -217,6 +219,7 @@ class Generator:
                 seed=int(r.seed),
                 model_hash=self.model_hash,
                 sampler=settings | ({"negative_prompt": t.negated} if b in steer else {}),
+                prompt_cut=cut[b],
             )
             for b, (r, t) in enumerate(zip(requests, texts, strict=True))
         ]

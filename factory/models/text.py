@@ -144,6 +144,11 @@ class TextEncoder(nn.Module):
         self.requires_grad_(False)
         return self.eval()
 
+    def overflow(self, prompts: Sequence[str]) -> list[int]:
+        """Per prompt, how many of its tokens lie beyond :attr:`max_tokens` (0: none cut)."""
+        ids = self.tokenizer([str(p) for p in prompts], verbose=False)["input_ids"]
+        return [max(0, len(i) - self.max_tokens) for i in ids]
+
     def tokenize(self, prompts: Sequence[str], pad_to_max: bool = False) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` (B, T), padded to the longest prompt.
 
@@ -152,8 +157,7 @@ class TextEncoder(nn.Module):
         Prompts longer than :attr:`max_tokens` are cut there, with one warning per call.
         """
         prompts = [str(p) for p in prompts]  # also numpy string arrays, as Ray batches hold
-        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
-        dropped = [n - self.max_tokens for n in lengths if n > self.max_tokens]
+        dropped = [n for n in self.overflow(prompts) if n]
         if dropped:
             warnings.warn(
                 f"{len(dropped)} of {len(prompts)} prompts exceed the text encoder's "

@@ -24,11 +24,12 @@ from factory.cohort.allocate import (
     split_counts,
     systematic_counts,
 )
-from factory.cohort.errors import PlanningError
+from factory.cohort.errors import PlanningError, SpecError, format_path
 from factory.cohort.plan import make_plan, read_plan_metadata
 from factory.cohort.raking import Margin, rake
 from factory.cohort.reference import Reference, sample_reference
-from factory.cohort.spec import CohortSpec, SpecError, format_path, load_spec, parse_spec
+from factory.cohort.spec import load_spec, parse_spec
+from factory.cohort.spec_schema import CohortSpec
 from factory.seeds import volume_seeds
 
 COHORTS = Path(__file__).resolve().parents[2] / "cohorts"

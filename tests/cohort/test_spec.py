@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from factory import vocab
 from factory.cohort.distributions import Bins, Choice, Numeric
-from factory.cohort.spec import SpecError, load_spec, parse_spec
+from factory.cohort.errors import SpecError
+from factory.cohort.spec import load_spec, parse_spec
 
 COHORTS = Path(__file__).resolve().parents[2] / "cohorts"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from factory.cohort.spec import SpecError
+from factory.cohort.errors import SpecError
 from factory.evaluate.run_summary import summary
 from factory.models.card import ModelCard
 from factory.models.checkpoint import save_checkpoint

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -17,6 +18,7 @@ import torch
 import yaml
 
 from factory.models.generator import Generator, Request
+from factory.refs import local_path
 from tests.conftest import ctfactory_bin
 from tests.train_helpers import config, make_dataset
 from train.config import parse_train_config
@@ -132,11 +134,12 @@ def test_resume_after_the_driver_dies_matches_an_uninterrupted_run(cluster, data
     data = config("vae", dataset, tmp_path, name="split", **settings)
     (tmp_path / "split.yaml").write_text(yaml.safe_dump(data))
     env = {**os.environ, "RAY_ADDRESS": cluster}
+    console = (tmp_path / "console.err").open("w")
     proc = subprocess.Popen(
         [*ctfactory_bin(), "train", "vae", "--config", str(tmp_path / "split.yaml")],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=console,
     )
     split = parse_train_config(data)
     deadline = time.time() + 300
@@ -144,6 +147,11 @@ def test_resume_after_the_driver_dies_matches_an_uninterrupted_run(cluster, data
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    console.close()
+    # Ray's and Ray Train's lines went to the run's log as it ran, not to the console.
+    (log,) = (Path(local_path(split.run_url)) / "logs").glob("train-vae-*.log")
+    assert "ray" in log.read_text().lower()
+    assert "INFO" not in (tmp_path / "console.err").read_text()
     stopped_at = latest_meta(split)["step"]
     assert 3 <= stopped_at < 9
     assert launch(split, resume=True).error is None
