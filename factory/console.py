@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -49,8 +50,8 @@ def libraries_to_log(path: str | Path | None) -> Iterator[TextIO]:
     stream to the console for ct-factory's own progress. ``path`` None (``--verbose``)
     changes nothing and yields ``sys.stderr``.
 
-    It works on file descriptor 2, not on ``sys.stderr``, because native code and the logging
-    handlers libraries set up at import write there directly.
+    It works on file descriptor 2 as well as on ``sys.stderr``: native code and the logging
+    handlers libraries set up at import write to the descriptor directly.
     """
     if path is None:
         yield sys.stderr
@@ -60,12 +61,20 @@ def libraries_to_log(path: str | Path | None) -> Iterator[TextIO]:
     sys.stderr.flush()
     saved = os.dup(2)
     console = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-    with open(path, "ab") as log:
+    stream = sys.stderr
+    with (
+        open(path, "ab") as log,
+        # Python-level writers that look sys.stderr up when they write (warnings, progress bars
+        # made inside the body, Ray's forwarded worker lines) go there too, wherever fd 2 is.
+        open(os.dup(log.fileno()), "w", buffering=1, encoding="utf-8") as python_log,
+    ):
         os.dup2(log.fileno(), 2)
+        sys.stderr = python_log
         try:
             yield console
         finally:
-            sys.stderr.flush()
+            sys.stderr = stream
+            python_log.flush()
             os.dup2(saved, 2)
             os.close(saved)
             console.close()
@@ -97,3 +106,22 @@ def keep_log(log: Path, url: str, put: Callable[[str, bytes], None]) -> str:
 def log_line(where: str) -> str:
     """The last line of a run: where Ray's and the libraries' messages went."""
     return f"log: {where} (Ray's and the libraries' messages; --verbose shows them here)"
+
+
+@contextlib.contextmanager
+def collected(category: type[Warning]) -> Iterator[list[Warning]]:
+    """Warnings of ``category`` raised in the body, collected (every one, repeats too) for one
+    line at the end of a run instead of one per batch; other warnings show as usual."""
+    found: list[Warning] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", category)
+        show = warnings.showwarning
+
+        def keep(message, kind, filename, lineno, file=None, line=None):
+            if issubclass(kind, category):
+                found.append(message)
+            else:
+                show(message, kind, filename, lineno, file, line)
+
+        warnings.showwarning = keep
+        yield found

@@ -6,6 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
+
+import pytest
+
+from factory.console import collected
 
 SCRIPT = textwrap.dedent(
     """
@@ -43,3 +48,15 @@ def test_verbose_leaves_everything_on_the_console():
     done = run("-")
     for line in ("lib: INFO line", "native core_worker line", "a library warning", "ours: 3/4"):
         assert line in done.stderr, line
+
+
+class Noted(UserWarning):
+    pass
+
+
+def test_collected_keeps_every_warning_of_its_kind_and_shows_the_rest():
+    with pytest.warns(DeprecationWarning, match="other"), collected(Noted) as found:
+        for i in range(3):
+            warnings.warn(Noted(f"batch {i}"), stacklevel=1)  # repeats are kept, not merged
+        warnings.warn("other", DeprecationWarning, stacklevel=1)
+    assert [str(w) for w in found] == ["batch 0", "batch 1", "batch 2"]

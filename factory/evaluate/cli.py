@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from factory.console import HelpFormatter
+from factory.console import HelpFormatter, collected, keep_log, libraries_to_log, log_line, run_log
 from factory.errors import UsageError
 from factory.store.cli import add_storage_args, storage_options
 
@@ -57,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=1000, help="at most this many volumes per set")
     p.add_argument("--threshold", type=float, default=0.5, help="probability called positive")
     p.add_argument("--out", help="where to write eval.json (default: the cohort's report/)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' messages here, not in the cohort's logs/",
+    )
     add_storage_args(p)
     p.set_defaults(func=run_eval)
 
@@ -89,6 +94,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from factory.evaluate.measure import zones_from
     from factory.models.checkpoint import load_checkpoint
     from factory.models.classifier import load_classifier
+    from factory.models.text import PromptTruncated, prompts_cut
     from factory.refs import ref_options
     from factory.store.fs import open_fs
     from factory.store.reader import open_cohort
@@ -113,19 +119,22 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     clip_ref = cohort.settings().model if args.clip == "model" else args.clip
     clip = None
-    if clip_ref and clip_ref != "none":
-        clip_options = ref_options(clip_ref, options)
-        clip_checkpoint = load_checkpoint(clip_ref, storage_options=clip_options)
-        if "clip" in clip_checkpoint.weights:
-            clip = ClipModel.load(clip_checkpoint)
-        elif args.clip != "model":
-            raise UsageError(f"--clip {clip_ref}: this checkpoint has no clip network")
+    log = None if args.verbose else run_log(args.url, "eval")
+    with libraries_to_log(log) as console, collected(PromptTruncated) as cut:
+        if clip_ref and clip_ref != "none":
+            clip_options = ref_options(clip_ref, options)
+            clip_checkpoint = load_checkpoint(clip_ref, storage_options=clip_options)
+            if "clip" in clip_checkpoint.weights:
+                clip = ClipModel.load(clip_checkpoint)
+            elif args.clip != "model":
+                raise UsageError(f"--clip {clip_ref}: this checkpoint has no clip network")
 
-    spacing = tuple(config.spacing_mm)
-    zones = zones_from(i.anatomy for i in real_items()) if has_masks else None
-    with tqdm(total=n_gen + n_real, unit="vol", desc="eval", mininterval=1.0) as bar:
-        generated = score(gen_items(), classifier, zones, spacing, bar.update, clip)
-        real = score(real_items(), classifier, zones, spacing, bar.update, clip)
+        spacing = tuple(config.spacing_mm)
+        zones = zones_from(i.anatomy for i in real_items()) if has_masks else None
+        total = n_gen + n_real
+        with tqdm(total=total, unit="vol", desc="eval", mininterval=1.0, file=console) as bar:
+            generated = score(gen_items(), classifier, zones, spacing, bar.update, clip)
+            real = score(real_items(), classifier, zones, spacing, bar.update, clip)
     result = compare(generated, real, classifier, args.threshold, clip)
     result.update(
         cohort=args.url,
@@ -142,8 +151,32 @@ def run_eval(args: argparse.Namespace) -> int:
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, json.dumps(finite(result), indent=2, allow_nan=False).encode())
     print(summary(result))
+    if cut:
+        print(
+            "warning: CLIP scoring: "
+            + prompts_cut(
+                sum(w.cut for w in cut),
+                sum(w.of for w in cut),
+                cut[0].max_tokens,
+                max(w.most for w in cut),
+            )
+        )
     print(f"eval: {out}")
+    if log is not None:
+        print(
+            log_line(
+                keep_log(log, args.url, lambda name, data: _put(args.url, name, data, options))
+            )
+        )
     return 0
+
+
+def _put(url: str, name: str, data: bytes, options: dict) -> None:
+    from factory.store.fs import open_fs
+
+    fs, path = open_fs(f"{url.rstrip('/')}/{name}", options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, data)
 
 
 def finite(value):

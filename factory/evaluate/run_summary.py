@@ -125,11 +125,14 @@ def run_warnings(totals, run) -> list[str]:
     """What the user should act on, once per run and in plain words."""
     out = []
     if totals.prompts_cut:
+        from factory.models.text import prompts_cut  # transformers, only when it is needed
+
+        cut = prompts_cut(
+            totals.prompts_cut, totals.written, run.text_tokens, totals.most_tokens_cut
+        )
         out.append(
-            f"{totals.prompts_cut:,} of {totals.written:,} prompts were longer than the text "
-            f"encoder's {run.text_tokens} tokens and were cut (by up to "
-            f"{totals.most_tokens_cut} tokens); a shorter prompt style (prompt.style: structured) "
-            "or a model with a larger text.max_tokens keeps them whole"
+            f"{cut}; a shorter prompt style (prompt.style: structured) or a model with a larger "
+            "text.max_tokens keeps them whole"
         )
     return out
 

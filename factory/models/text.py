@@ -38,7 +38,21 @@ WEIGHTS_FILE = "model.safetensors"  # what ``save_pretrained`` writes and scratc
 
 
 class PromptTruncated(UserWarning):
-    """Prompts were longer than the encoder takes; their tail tokens were dropped."""
+    """Prompts were longer than the encoder takes; their tail tokens were dropped. Carries the
+    counts (``cut`` of ``of`` prompts, ``most`` tokens dropped from one, ``max_tokens``) so a
+    run can say it once for all its batches (:func:`prompts_cut`)."""
+
+    def __init__(self, message: str, cut: int = 0, of: int = 0, most: int = 0, max_tokens: int = 0):
+        super().__init__(message)
+        self.cut, self.of, self.most, self.max_tokens = cut, of, most, max_tokens
+
+
+def prompts_cut(cut: int, of: int, max_tokens: int, most: int) -> str:
+    """The once-per-run warning about prompts the text encoder had to cut, in plain words."""
+    return (
+        f"{cut:,} of {of:,} prompts were longer than the text encoder's {max_tokens} tokens "
+        f"and were cut (by up to {most} tokens)"
+    )
 
 
 def minilm_dir() -> Path:
@@ -159,12 +173,14 @@ class TextEncoder(nn.Module):
         prompts = [str(p) for p in prompts]  # also numpy string arrays, as Ray batches hold
         dropped = [n for n in self.overflow(prompts) if n]
         if dropped:
-            warnings.warn(
+            message = (
                 f"{len(dropped)} of {len(prompts)} prompts exceed the text encoder's "
-                f"{self.max_tokens} tokens; {sum(dropped)} tokens were dropped from their ends",
-                PromptTruncated,
-                stacklevel=2,
+                f"{self.max_tokens} tokens; {sum(dropped)} tokens were dropped from their ends"
             )
+            cut = PromptTruncated(
+                message, len(dropped), len(prompts), max(dropped), self.max_tokens
+            )
+            warnings.warn(cut, stacklevel=2)
         return dict(
             self.tokenizer(
                 prompts,

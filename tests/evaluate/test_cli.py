@@ -87,8 +87,17 @@ def test_eval_writes_every_section(setup, capsys):
     assert result["clip"] is None  # the random test model has no 3D CLIP
 
 
-def test_eval_with_a_3d_clip_scores_prompts_retrieval_and_zero_shot(setup, tmp_path):
+def test_eval_with_a_3d_clip_scores_prompts_retrieval_and_zero_shot(setup, tmp_path, capfd):
+    logs = Path(setup["cohort"]) / "logs"
+    before = set(logs.glob("eval-*.log"))
     assert _eval(setup, "--clip", "builtin:demo", "--out", str(tmp_path / "e.json")) == 0
+    # The console has ct-factory's progress and summary; the text encoder's loading bars and
+    # per-batch truncation warnings are not there (the log, or one plain line, has them).
+    printed = capfd.readouterr()
+    assert "eval:" in printed.err and "Loading weights" not in printed.err
+    assert "PromptTruncated" not in printed.err + printed.out
+    (log,) = set(logs.glob("eval-*.log")) - before
+    assert f"log: {log}" in printed.out
     clip = json.loads((tmp_path / "e.json").read_text())["clip"]
     assert all(-1 <= v <= 1 for v in clip["score"].values())
     retrieval = clip["real_retrieval"]
