@@ -7,6 +7,7 @@ import sys
 
 from factory.console import HelpFormatter, keep_log, libraries_to_log, log_line, run_log
 from factory.errors import UsageError
+from factory.raycluster import NODE_WAIT_S, parse_workers
 from factory.store.cli import add_storage_args, storage_options
 
 EXAMPLES = """examples:
@@ -34,13 +35,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("spec", metavar="SPEC.yaml", help="the cohort spec")
     parser.add_argument("--out", metavar="URL", help="the cohort store (default: spec's output)")
-    parser.add_argument("--workers", type=int, default=1, help="generator actors")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        metavar="N|MIN-MAX",
+        help="generator actors: N, or MIN-MAX for a pool that grows and shrinks with the cluster",
+    )
     parser.add_argument(
         "--gpus-per-worker",
         type=float,
         help="GPUs per actor (default: 1 when the cluster has GPUs, else CPU actors)",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="volumes per actor batch")
+    parser.add_argument(
+        "--node-wait",
+        type=float,
+        default=NODE_WAIT_S,
+        metavar="SECONDS",
+        help="stop (keeping what is committed) when no node can run an actor for this long",
+    )
     parser.add_argument("--limit", type=int, metavar="K", help="generate at most K volumes now")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace another cohort at the output"
@@ -54,13 +67,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _check(args: argparse.Namespace) -> None:
-    for name, low in (("workers", 1), ("batch_size", 1), ("limit", 0)):
+def _check(args: argparse.Namespace) -> tuple[int, int]:
+    """Refuse bad options before any work; returns the actor pool's (min, max) size."""
+    try:
+        workers = parse_workers(args.workers)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+    for name, low in (("batch_size", 1), ("limit", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise UsageError(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}")
     if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
         raise UsageError(f"--gpus-per-worker {args.gpus_per_worker}: expected a number >= 0")
+    if args.node_wait <= 0:
+        raise UsageError(f"--node-wait {args.node_wait:g}: expected a number of seconds > 0")
+    return workers
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -82,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from factory.pipeline import GenerationError, generate_cohort, prepare_run
     from factory.store.cohort import CohortStore
 
-    _check(args)
+    workers = _check(args)
     try:
         run = prepare_run(
             args.spec, args.out, storage_options(args), limit=args.limit, overwrite=args.overwrite
@@ -110,10 +131,11 @@ def run(args: argparse.Namespace) -> int:
         ):
             totals = generate_cohort(
                 run,
-                workers=args.workers,
+                workers=workers,
                 gpus_per_worker=args.gpus_per_worker,
                 batch_size=args.batch_size,
                 progress=lambda rows: bar.update(len(rows)),
+                node_wait_s=args.node_wait,
             )
     except Exception as exc:  # a failure that retries did not mend: name it, keep the rest
         cause = exc if isinstance(exc, GenerationError) else root_cause(exc)

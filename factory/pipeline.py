@@ -9,8 +9,10 @@ through the object store or the driver: actors write them and return small rows.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.errors import CtFactoryError
+from factory.raycluster import NODE_WAIT_S, node_text, this_node
 from factory.refs import ref_options
 from factory.schema import RECORD_KEYS, RESULT_SCHEMA, RunSettings
 from factory.seeds import attempt_seed
@@ -27,6 +30,7 @@ from factory.store.layout import FORMAT, intensity_stats, write_volume
 
 MANIFEST_FLUSH_ROWS = 1000  # the driver appends a manifest part every this many volumes...
 MANIFEST_FLUSH_S = 30.0  # ... or this many seconds, whichever comes first
+WATCH_EVERY_S = 5.0  # how often the driver looks at the cluster while no volume arrives
 
 
 class GenerationError(CtFactoryError, RuntimeError):
@@ -218,12 +222,13 @@ class VolumeWriter:
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
+        self.made_by = made_by()
         self.generator = loader(settings.model, storage_options)
         if self.generator.model_hash != settings.model_hash:
             raise RuntimeError(
-                f"model {settings.model}: hash {self.generator.model_hash[:16]} on this "
-                f"worker but {settings.model_hash[:16]} on the driver; install the same model "
-                "on every node"
+                f"model {settings.model}: hash {self.generator.model_hash[:16]} on "
+                f"{node_text()} but {settings.model_hash[:16]} on the driver; install the same "
+                "model on every node"
             )
         self.store = CohortStore(url, storage_options)
         self.volumes = self.store.volumes("r+")
@@ -242,7 +247,7 @@ class VolumeWriter:
             if self.verifier.hash != v["classifier_hash"]:
                 raise RuntimeError(
                     f"verify.classifier {v['classifier']}: hash {self.verifier.hash[:16]} on "
-                    f"this worker but {v['classifier_hash'][:16]} on the driver"
+                    f"{node_text()} but {v['classifier_hash'][:16]} on the driver"
                 )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -323,6 +328,7 @@ class VolumeWriter:
             "model_hash": volume.model_hash,
             "sampler": volume.sampler,
             "verification": verdict or None,
+            "made_by": self.made_by,
         }
         sums = retrying(
             f"volume {vid}: writing its arrays",
@@ -348,11 +354,25 @@ class VolumeWriter:
             "generate_s": generate_s,
             "write_s": time.perf_counter() - start,
             "committed_at": now(),
+            **self.made_by,
             **verdict,
         }
         created = self.store.commit(result)
         cut = getattr(volume, "prompt_cut", 0)
         return {**result, "status": "written" if created else "skipped", "prompt_cut": cut}
+
+
+def made_by() -> dict[str, str]:
+    """The node (id and host) and actor this process is, for each volume's provenance."""
+    actor = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            actor = ray.get_runtime_context().get_actor_id() or ""
+    except ImportError:
+        pass
+    return {**this_node(), "actor_id": actor}
 
 
 def _finding_columns() -> tuple[str, ...]:
@@ -366,17 +386,88 @@ def blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
+def watched(items: Iterator, check: Callable[[], None], every: float = WATCH_EVERY_S) -> Iterator:
+    """``items`` consumed on a helper thread, so that ``check()`` runs every ``every`` seconds
+    while none arrives (a cluster that lost its nodes blocks the iterator for ever); an
+    exception from ``check`` or from ``items`` ends the loop. Leaving the loop early stops the
+    helper after its current item."""
+    box: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    end = object()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            box.put(end)
+        except BaseException as exc:  # handed to the consumer, who raises it
+            box.put(exc)
+        finally:
+            getattr(items, "close", lambda: None)()
+
+    threading.Thread(target=pump, name="ct-factory-results", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = box.get(timeout=every)
+            except queue.Empty:
+                check()
+                continue
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def capacity_check(need: dict[str, float], wait_s: float, committed: Callable[[], int]):
+    """A ``check`` for :func:`watched`: raises GenerationError once no alive node could host a
+    generator actor (``need``: its resources) for ``wait_s`` seconds running."""
+    from factory.raycluster import nodes_that_fit
+
+    since: list[float] = []
+
+    def check() -> None:
+        if nodes_that_fit(need):
+            since.clear()
+            return
+        since.append(time.monotonic())
+        if since[-1] - since[0] >= wait_s:
+            wanted = ", ".join(f"{v:g} {k}" for k, v in need.items())
+            raise GenerationError(
+                f"no node of the cluster can run a generator actor (each needs {wanted}) and "
+                f"none came for {wait_s:.0f} s; the {committed():,} volumes committed are kept: "
+                "add nodes with these resources (or lower --gpus-per-worker) and re-run the "
+                "same command to finish the cohort"
+            )
+
+    return check
+
+
 def generate_cohort(
     run: Run,
-    workers: int = 1,
+    workers: int | tuple[int, int] = 1,
     gpus_per_worker: float | None = None,
     batch_size: int = 4,
     loader: Callable = load_actor_generator,
     progress: Callable[[list[dict]], None] | None = None,
+    node_wait_s: float = NODE_WAIT_S,
 ) -> Totals:
-    """Generate ``run.todo`` with a pool of ``workers`` actors; rows reach the manifest in parts.
+    """Generate ``run.todo`` with a pool of ``workers`` actors (N, or (MIN, MAX) for a pool that
+    grows and shrinks with the cluster); rows reach the manifest in parts.
 
-    ``gpus_per_worker`` defaults to 1 when the cluster has GPUs, else 0 (CPU actors).
+    ``gpus_per_worker`` defaults to 1 when the cluster has GPUs, else 0 (CPU actors). When no
+    node can host an actor for ``node_wait_s`` (all GPU nodes lost, say), the run stops with a
+    GenerationError; what was committed stays, and a re-run finishes the cohort.
     """
     import ray
 
@@ -385,11 +476,12 @@ def generate_cohort(
     totals = Totals()
     if run.todo.num_rows == 0:
         return totals
-    init_ray(workers)
+    lo, hi = (workers, workers) if isinstance(workers, int) else workers
+    init_ray(hi)
     gpus = gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster_has_gpus() else 0.0
-    threads = None if gpus else cpu_threads(workers)
+    threads = None if gpus else cpu_threads(hi)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours shows volumes, rate and ETA
     ds = ray.data.from_arrow(blocks(run.todo, batch_size))
@@ -404,7 +496,7 @@ def generate_cohort(
         },
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_gpus=gpus,
         num_cpus=0 if gpus else threads,
         zero_copy_batch=True,
@@ -413,8 +505,11 @@ def generate_cohort(
     start = time.perf_counter()
     pending: list[dict] = []
     last = time.monotonic()
+    need = {"GPU": gpus} if gpus else {"CPU": float(threads or 1)}
+    check = capacity_check(need, node_wait_s, lambda: run.done_before + totals.written)
     try:
-        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+        batches = results.iter_batches(batch_size=None, batch_format="pyarrow")
+        for batch in watched(batches, check):
             rows = batch.to_pylist()
             totals.add(rows)
             failed = [r for r in rows if r["status"] == "failed"]

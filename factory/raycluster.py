@@ -9,6 +9,10 @@ workers and the server's replicas all ask these helpers, so they agree.
 from __future__ import annotations
 
 import os
+import re
+import socket
+
+NODE_WAIT_S = 300.0  # a run stops when no node can host one of its workers for this long
 
 
 def init_ray(workers: int) -> None:
@@ -23,6 +27,19 @@ def init_ray(workers: int) -> None:
         ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2)
 
 
+def parse_workers(text: str) -> tuple[int, int]:
+    """``"4"`` -> (4, 4); ``"2-8"`` -> (2, 8): a fixed or elastic number of workers (training
+    workers, generator actors); ValueError naming what is valid."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+    if not match:
+        raise ValueError(f"workers {text!r}: expected N or MIN-MAX, e.g. 4 or 2-8")
+    lo = int(match.group(1))
+    hi = int(match.group(2) or lo)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"workers {text!r}: need 1 <= MIN <= MAX")
+    return lo, hi
+
+
 def cluster_has_gpus() -> bool:
     """Whether the connected Ray cluster advertises any GPU (False when Ray is not started)."""
     import ray
@@ -30,7 +47,40 @@ def cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def nodes_that_fit(need: dict[str, float]) -> list[str]:
+    """The alive nodes whose resources could host one worker asking for ``need`` (say
+    ``{"GPU": 1}``), busy or not: none means no worker can start until nodes are added."""
+    import ray
+
+    return [
+        node["NodeID"]
+        for node in ray.nodes()
+        if node.get("Alive") and all(node["Resources"].get(k, 0) >= v for k, v in need.items())
+    ]
+
+
 def cpu_threads(workers: int) -> int:
     """Torch threads per CPU worker on this machine: its cores shared among ``workers``
     (Ray starts a worker with one thread per CPU it asked for)."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def this_node() -> dict[str, str]:
+    """Where this process runs: the Ray node id (empty outside Ray) and the host name, for
+    provenance and for errors that must name the node."""
+    node = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:  # the store and its tests run without Ray
+        pass
+    return {"node_id": node, "host": socket.gethostname()}
+
+
+def node_text() -> str:
+    """This node as a person reads it in an error: ``node 1a2b3c4d5e6f (host gpu-3)``."""
+    where = this_node()
+    node = f"node {where['node_id'][:12]} " if where["node_id"] else ""
+    return f"{node}(host {where['host']})"

@@ -53,6 +53,11 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("hu_p50", pa.float64()),
     pa.field("hu_p99", pa.float64()),
     pa.field("committed_at", pa.string()),
+    # Which Ray node (its id and host name) and which actor made the volume; null in parts
+    # written before these columns, empty node and actor ids outside Ray.
+    pa.field("node_id", pa.string()),
+    pa.field("host", pa.string()),
+    pa.field("actor_id", pa.string()),
     # Label verification (null when the spec has no verify block): the attempts made, the
     # seed of the stored attempt, whether it passed, the checked findings that failed (JSON
     # list) and the classifier's probabilities for the checked findings (JSON object).

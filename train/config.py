@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from factory.errors import CtFactoryError
 from factory.models.config import ModelConfig, load_config, presets
+from factory.raycluster import parse_workers
 from factory.refs import absolute
 
 TASKS: tuple[str, ...] = ("vae", "clip", "diffusion", "classifier")
@@ -213,18 +214,6 @@ class TrainConfig(Strict):
             "diffusion": self.diffusion.model_dump(mode="json") if self.task == "diffusion" else {},
             "train_text": self.clip.train_text if self.task == "clip" else False,
         } | ({"vae_adversarial": True} if self.task == "vae" and self.vae.adversarial else {})
-
-
-def parse_workers(text: str) -> tuple[int, int]:
-    """``"4"`` -> (4, 4); ``"2-8"`` -> (2, 8) (elastic)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
-    if not match:
-        raise ValueError(f"workers {text!r}: expected N or MIN-MAX, e.g. 4 or 2-8")
-    lo = int(match.group(1))
-    hi = int(match.group(2) or lo)
-    if not 1 <= lo <= hi:
-        raise ValueError(f"workers {text!r}: need 1 <= MIN <= MAX")
-    return lo, hi
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

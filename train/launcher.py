@@ -19,9 +19,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from factory.console import LOGS
 from factory.errors import CtFactoryError
-from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray
+from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray, parse_workers
 from train import classifier, clip, diffusion, vae
-from train.config import TrainConfig, parse_workers
+from train.config import TrainConfig
 from train.data import index_rows, load_row
 from train.loop import check_resumable
 from train.session import checkpoint_metas

@@ -15,9 +15,10 @@ from factory.models.checkpoint import save_checkpoint
 from factory.models.classifier import LabelSetError, load_classifier
 from factory.models.config import load_config
 from factory.models.intensity import unit_to_hu
+from factory.raycluster import parse_workers
 from tests.train_helpers import SMALL_MODEL, config, make_dataset, phantom_split
 from train import classifier, clip, diffusion, vae
-from train.config import TrainConfigError, apply_overrides, parse_train_config, parse_workers
+from train.config import TrainConfigError, apply_overrides, parse_train_config
 from train.data import choose_texts, excerpt, index_rows, load_row, structured
 from train.latents import encode_local
 from train.launcher import cache_dataset, row_bytes
