@@ -395,20 +395,25 @@ def watched(items: Iterator, check: Callable[[], None], every: float = WATCH_EVE
     stop = threading.Event()
     end = object()
 
+    def offer(item: object) -> bool:
+        """Hand ``item`` over unless the consumer has left; whether it was taken."""
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def pump() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        box.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     break
-            box.put(end)
+            else:
+                offer(end)
         except BaseException as exc:  # handed to the consumer, who raises it
-            box.put(exc)
+            offer(exc)
         finally:
             getattr(items, "close", lambda: None)()
 

@@ -30,3 +30,15 @@ def test_every_subcommand_has_help_with_examples(run_cli):
 def test_missing_subcommand_is_a_usage_error(run_cli):
     proc = run_cli()
     assert proc.returncode == 2 and "COMMAND" in proc.stderr
+
+
+def test_generate_refuses_a_bad_worker_range_naming_the_flag(capsys):
+    from factory.cli import main
+
+    for bad, why in (("0-2", "need 1 <= MIN <= MAX"), ("3-1", "need 1 <= MIN <= MAX"),
+                     ("two", "expected N or MIN-MAX")):  # fmt: skip
+        assert main(["generate", "cohorts/demo.yaml", "--workers", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"ctfactory generate: error: --workers {bad!r}: {why}" + (
+            ", e.g. 4 or 2-8" if "expected" in why else ""
+        ), err
