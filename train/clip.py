@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -28,18 +29,45 @@ def matching(texts: list[str]) -> torch.Tensor:
     return same / same.sum(1, keepdim=True)
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gathered(rows: torch.Tensor) -> torch.Tensor:
+    """(B, E) rows of every worker, concatenated in rank order; gradients flow back to each
+    worker's own rows (OpenCLIP's ``gather_with_grad``). One worker: ``rows`` itself."""
+    if _world() == 1:
+        return rows
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(rows))
+
+
+def gathered_texts(texts: list[str]) -> list[str]:
+    """The texts of every worker's micro-batch, in rank order."""
+    if _world() == 1:
+        return texts
+    every: list[list[str] | None] = [None] * _world()
+    dist.all_gather_object(every, texts)
+    return [t for chunk in every for t in chunk]  # type: ignore[union-attr]
+
+
 class CLIPStep(nn.Module):
-    """The contrastive loss as one forward pass (what DDP wraps)."""
+    """The contrastive loss as one forward pass (what DDP wraps). Across workers the embeddings
+    are gathered, so every worker's micro-batch is a negative of every other's: the contrastive
+    batch is workers x micro-batch, and 2 workers at 4 learn exactly as 1 worker at 8 (each
+    computes the whole loss; DDP's gradient mean over workers undoes the gather's sum)."""
 
     def __init__(self, clip: CLIP3D):
         super().__init__()
         self.clip = clip
 
     def forward(self, volumes: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        image = self.clip.encode_image(volumes)
-        text = self.clip.encode_text(texts)
+        image = gathered(self.clip.encode_image(volumes).float())
+        text = gathered(self.clip.encode_text(texts).float())
+        texts = gathered_texts(texts)
         scale = self.clip.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
-        logits = scale * image.float() @ text.float().T
+        logits = scale * image @ text.T
         target = matching(texts).to(logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
