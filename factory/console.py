@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -83,7 +84,8 @@ def libraries_to_log(path: str | Path | None) -> Iterator[TextIO]:
 def run_log(url: str, command: str) -> Path:
     """Where a run's library messages go while it runs: ``logs/`` under a local run, else a
     local file that :func:`keep_log` copies under the run at the end."""
-    name = f"{command}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = f"{command}-{stamp}-{os.getpid()}-{secrets.token_hex(2)}.log"  # never two runs' log
     if is_local(url):
         return Path(local_path(url)) / LOGS / name
     return Path(tempfile.gettempdir()) / "ct-factory" / name

@@ -13,6 +13,7 @@ from jsonschema import Draft4Validator
 
 from factory.cli import build_parser
 from factory.cohort.spec import load_spec
+from factory.raycluster import parse_workers
 from serve.config import parse_serve_config, read_app_args
 from tests.conftest import ROOT
 
@@ -150,7 +151,7 @@ def test_rayjob_generates_a_shipped_spec_on_the_shipped_cluster():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["ctfactory", "generate"]
     args = build_parser().parse_args(argv[1:])  # every flag is one generate has
-    assert args.out.startswith("s3://") and args.workers >= 1
+    assert args.out.startswith("s3://") and parse_workers(args.workers)[0] >= 1
     # The spec is a file of cohorts/, which `kubectl create configmap --from-file=cohorts/` mounts.
     spec = Path(args.spec)
     assert spec.parent == Path(SPEC_MOUNT)

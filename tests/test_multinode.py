@@ -67,33 +67,42 @@ def makers(s3, url: str) -> dict[str, str]:
     return found
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
+def wait_until(condition, timeout: float, what: str, details=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {details()}"
         time.sleep(0.5)
 
 
 def test_the_pool_grows_onto_added_nodes_and_survives_losing_one(nodes, model, s3, tmp_path):
     cluster, workers = nodes
     url = "s3://cohorts/multinode"
-    spec = write_spec(tmp_path / "spec.yaml", model, n=24, output=url)
+    spec = write_spec(tmp_path / "spec.yaml", model, n=32, output=url)
     run = generate(cluster, s3, spec, url, "--workers", "1-3", "--gpus-per-worker", "1",
                    "--batch-size", "1")  # fmt: skip
-    wait_until(lambda: makers(s3, url), 240, "the first committed volume")
-    workers += [cluster.add_node(**NODE), cluster.add_node(**NODE)]
-    ids = {w.node_id for w in workers}
-    # The elastic pool grows: volumes come from all three GPU nodes (one actor per GPU).
-    wait_until(lambda: set(makers(s3, url).values()) == ids, 240, "volumes from 3 nodes")
-    lost = workers.pop(0)
-    cluster.remove_node(lost, allow_graceful=False)
-    out, err = run.communicate(timeout=300)
+    try:
+        wait_until(lambda: makers(s3, url), 240, "the first committed volume")
+        workers += [cluster.add_node(**NODE), cluster.add_node(**NODE)]
+        ids = {w.node_id for w in workers}
+        # The elastic pool grows: volumes come from all three GPU nodes (one actor per GPU).
+        seen: list[tuple[int, int]] = []
+
+        def grown() -> bool:
+            made = makers(s3, url)
+            seen.append((len(made), len(set(made.values()))))
+            return set(made.values()) == ids
+
+        wait_until(grown, 360, "volumes from 3 nodes", lambda: f"(volumes, nodes) seen: {seen}")
+        cluster.remove_node(workers.pop(0), allow_graceful=False)
+        out, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
     assert run.returncode == 0, err
-    assert "24 of 24 in the cohort" in out
+    assert "32 of 32 in the cohort" in out
     assert_complete(url, s3["options"])
     manifest = open_cohort(url, s3["options"]).manifest
     assert set(manifest["node_id"]) == ids  # the head never generates
-    assert manifest["volume_id"].is_unique and len(manifest) == 24
+    assert manifest["volume_id"].is_unique and len(manifest) == 32
     assert manifest["actor_id"].nunique() >= 3 and manifest["host"].notna().all()
     record = open_cohort(url, s3["options"]).volume(manifest["volume_id"].iloc[0]).record
     assert record["made_by"]["node_id"] == manifest["node_id"].iloc[0]
@@ -107,7 +116,10 @@ def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model
     spec = write_spec(tmp_path / "spec.yaml", model, n=2, output=url)
     start = time.monotonic()
     run = generate(cluster, s3, spec, url, "--gpus-per-worker", "1", "--node-wait", "10")
-    out, err = run.communicate(timeout=180)
+    try:
+        out, err = run.communicate(timeout=180)
+    finally:
+        run.kill()
     stopped_after = time.monotonic() - start
     assert run.returncode == 1, out + err
     assert "no node of the cluster can run a generator actor (each needs 1 GPU)" in err
@@ -116,7 +128,10 @@ def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model
 
     workers.append(cluster.add_node(**NODE))
     again = generate(cluster, s3, spec, url, "--gpus-per-worker", "1", "--node-wait", "10")
-    out, err = again.communicate(timeout=300)
+    try:
+        out, err = again.communicate(timeout=300)
+    finally:
+        again.kill()
     assert again.returncode == 0, err
     assert "2 of 2 in the cohort" in out
     assert_complete(url, s3["options"])
