@@ -37,6 +37,11 @@ class GenerationError(CtFactoryError, RuntimeError):
     """A volume that could not be stored; the message names it and the cause."""
 
 
+class ActorStartError(CtFactoryError, RuntimeError):
+    """A generator actor that cannot start where it was placed: the message names the node, its
+    host and the model or classifier it could not load or that differs from the driver's."""
+
+
 @dataclass
 class Run:
     """Everything the driver decided before any actor starts."""
@@ -223,9 +228,15 @@ class VolumeWriter:
             torch.set_num_threads(threads)
         self.settings = settings
         self.made_by = made_by()
-        self.generator = loader(settings.model, storage_options)
+        try:
+            self.generator = loader(settings.model, storage_options)
+        except (CtFactoryError, OSError) as exc:  # a path that only the driver's machine has
+            raise ActorStartError(
+                f"model {settings.model}: cannot be loaded on {node_text()}: {exc}; every node "
+                "must reach the model: builtin:NAME, an s3:// URL, or a path on every node"
+            ) from None
         if self.generator.model_hash != settings.model_hash:
-            raise RuntimeError(
+            raise ActorStartError(
                 f"model {settings.model}: hash {self.generator.model_hash[:16]} on "
                 f"{node_text()} but {settings.model_hash[:16]} on the driver; install the same "
                 "model on every node"
@@ -245,7 +256,7 @@ class VolumeWriter:
                 ref_options(v["classifier"], storage_options),
             )
             if self.verifier.hash != v["classifier_hash"]:
-                raise RuntimeError(
+                raise ActorStartError(
                     f"verify.classifier {v['classifier']}: hash {self.verifier.hash[:16]} on "
                     f"{node_text()} but {v['classifier_hash'][:16]} on the driver"
                 )

@@ -61,3 +61,29 @@ def test_leaving_early_closes_the_source():
         if item == 2:
             break
     assert closed.wait(5)
+
+
+def test_an_actor_that_cannot_reach_the_model_names_its_node_and_the_path(tmp_path):
+    """A model path that only the driver's machine has fails at actor start, named."""
+    import dataclasses
+    import socket
+
+    from factory.pipeline import ActorStartError, VolumeWriter, prepare_run
+    from tests.store_helpers import small_model, write_spec
+
+    model = small_model(tmp_path / "model")
+    run = prepare_run(str(write_spec(tmp_path / "spec.yaml", model, output=str(tmp_path / "c"))))
+    elsewhere = dataclasses.replace(run.settings, model=str(tmp_path / "only-on-the-driver"))
+    with pytest.raises(ActorStartError) as caught:
+        VolumeWriter(run.url, {}, elsewhere)
+    message = str(caught.value)
+    host = f"(host {socket.gethostname()})"  # after the node id when Ray runs here
+    assert "cannot be loaded on " in message and host in message
+    assert str(tmp_path / "only-on-the-driver") in message
+
+    class Other:
+        model_hash = "0" * 64
+
+    with pytest.raises(ActorStartError) as caught:
+        VolumeWriter(run.url, {}, run.settings, loader=lambda ref, options: Other())
+    assert "hash 0000000000000000 on " in str(caught.value) and host in str(caught.value)
