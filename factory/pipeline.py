@@ -227,19 +227,20 @@ class VolumeWriter:
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
-        self.made_by = made_by()
+        self.made_by = this_node()
+        here = node_text(self.made_by)
         try:
             self.generator = loader(settings.model, storage_options)
         except (CtFactoryError, OSError) as exc:  # a path that only the driver's machine has
             raise ActorStartError(
-                f"model {settings.model}: cannot be loaded on {node_text()}: {exc}; every node "
-                "must reach the model: builtin:NAME, an s3:// URL, or a path on every node"
+                f"model {settings.model}: cannot be loaded on {here}: {exc}; every node must "
+                "reach the model: builtin:NAME, an s3:// URL, or a path on every node"
             ) from None
         if self.generator.model_hash != settings.model_hash:
             raise ActorStartError(
                 f"model {settings.model}: hash {self.generator.model_hash[:16]} on "
-                f"{node_text()} but {settings.model_hash[:16]} on the driver; install the same "
-                "model on every node"
+                f"{here} but {settings.model_hash[:16]} on the driver; install the same model "
+                "on every node"
             )
         self.store = CohortStore(url, storage_options)
         self.volumes = self.store.volumes("r+")
@@ -258,7 +259,7 @@ class VolumeWriter:
             if self.verifier.hash != v["classifier_hash"]:
                 raise ActorStartError(
                     f"verify.classifier {v['classifier']}: hash {self.verifier.hash[:16]} on "
-                    f"{node_text()} but {v['classifier_hash'][:16]} on the driver"
+                    f"{here} but {v['classifier_hash'][:16]} on the driver"
                 )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -373,19 +374,6 @@ class VolumeWriter:
         return {**result, "status": "written" if created else "skipped", "prompt_cut": cut}
 
 
-def made_by() -> dict[str, str]:
-    """The node (id and host) and actor this process is, for each volume's provenance."""
-    actor = ""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            actor = ray.get_runtime_context().get_actor_id() or ""
-    except ImportError:
-        pass
-    return {**this_node(), "actor_id": actor}
-
-
 def _finding_columns() -> tuple[str, ...]:
     from factory import vocab
 
@@ -450,14 +438,16 @@ def capacity_check(need: dict[str, float], wait_s: float, committed: Callable[[]
     generator actor (``need``: its resources) for ``wait_s`` seconds running."""
     from factory.raycluster import nodes_that_fit
 
-    since: list[float] = []
+    first_seen: float | None = None  # when no node could host an actor, this time round
 
     def check() -> None:
+        nonlocal first_seen
         if nodes_that_fit(need):
-            since.clear()
+            first_seen = None
             return
-        since.append(time.monotonic())
-        if since[-1] - since[0] >= wait_s:
+        now = time.monotonic()
+        first_seen = now if first_seen is None else first_seen
+        if now - first_seen >= wait_s:
             wanted = ", ".join(f"{v:g} {k}" for k, v in need.items())
             raise GenerationError(
                 f"no node of the cluster can run a generator actor (each needs {wanted}) and "

@@ -66,21 +66,18 @@ def cpu_threads(workers: int) -> int:
 
 
 def this_node() -> dict[str, str]:
-    """Where this process runs: the Ray node id (empty outside Ray) and the host name, for
-    provenance and for errors that must name the node."""
-    node = ""
-    try:
-        import ray
+    """Where this process runs: the Ray node and actor ids (empty outside Ray, or outside an
+    actor) and the host name, for each volume's provenance and errors that name the node."""
+    import ray
 
-        if ray.is_initialized():
-            node = ray.get_runtime_context().get_node_id()
-    except ImportError:  # the store and its tests run without Ray
-        pass
-    return {"node_id": node, "host": socket.gethostname()}
+    node = actor = ""
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        node, actor = context.get_node_id(), context.get_actor_id() or ""
+    return {"node_id": node, "host": socket.gethostname(), "actor_id": actor}
 
 
-def node_text() -> str:
-    """This node as a person reads it in an error: ``node 1a2b3c4d5e6f (host gpu-3)``."""
-    where = this_node()
+def node_text(where: dict[str, str]) -> str:
+    """A :func:`this_node` as a person reads it in an error: ``node 1a2b3c4d5e6f (host gpu-3)``."""
     node = f"node {where['node_id'][:12]} " if where["node_id"] else ""
     return f"{node}(host {where['host']})"

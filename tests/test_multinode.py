@@ -53,6 +53,14 @@ def generate(cluster, s3, spec, url, *extra: str) -> subprocess.Popen:
     )
 
 
+def finished(run: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The driver's stdout and stderr once it exits; killed if it outlives ``timeout``."""
+    try:
+        return run.communicate(timeout=timeout)
+    finally:
+        run.kill()
+
+
 def makers(s3, url: str) -> dict[str, str]:
     """volume id -> the node id that committed it, from the completion markers."""
     fs = s3fs.S3FileSystem(**s3["options"], skip_instance_cache=True)
@@ -94,9 +102,10 @@ def test_the_pool_grows_onto_added_nodes_and_survives_losing_one(nodes, model, s
 
         wait_until(grown, 360, "volumes from 3 nodes", lambda: f"(volumes, nodes) seen: {seen}")
         cluster.remove_node(workers.pop(0), allow_graceful=False)
-        out, err = run.communicate(timeout=300)
-    finally:
+    except BaseException:
         run.kill()
+        raise
+    out, err = finished(run, 300)
     assert run.returncode == 0, err
     assert "32 of 32 in the cohort" in out
     assert_complete(url, s3["options"])
@@ -116,10 +125,7 @@ def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model
     spec = write_spec(tmp_path / "spec.yaml", model, n=2, output=url)
     start = time.monotonic()
     run = generate(cluster, s3, spec, url, "--gpus-per-worker", "1", "--node-wait", "10")
-    try:
-        out, err = run.communicate(timeout=180)
-    finally:
-        run.kill()
+    out, err = finished(run, 180)
     stopped_after = time.monotonic() - start
     assert run.returncode == 1, out + err
     assert "no node of the cluster can run a generator actor (each needs 1 GPU)" in err
@@ -128,10 +134,7 @@ def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model
 
     workers.append(cluster.add_node(**NODE))
     again = generate(cluster, s3, spec, url, "--gpus-per-worker", "1", "--node-wait", "10")
-    try:
-        out, err = again.communicate(timeout=300)
-    finally:
-        again.kill()
+    out, err = finished(again, 300)
     assert again.returncode == 0, err
     assert "2 of 2 in the cohort" in out
     assert_complete(url, s3["options"])

@@ -102,9 +102,9 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def run_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from factory.store.fs import write_url
     from train.curves import plot_curves, read_metrics
     from train.launcher import launch
-    from train.session import write_url
 
     try:
         with open(args.config) as f:

@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 import torch
 
+from factory.store.fs import write_url
 from train.config import TrainConfig
 from train.loop import META_FILE, STATE_FILE, read_state
 
@@ -34,13 +35,6 @@ def collate(rows: Sequence[dict]) -> dict[str, np.ndarray]:
 def shuffle_seed(seed: int, epoch: int) -> int:
     """The per-epoch shuffle seed, so each epoch has its own order and a resume the same one."""
     return (seed * 1_000_003 + epoch) % (2**31)
-
-
-def write_url(url: str, data: bytes, storage_options: dict) -> None:
-    """Write ``data`` to a local path or fsspec URL, making parent folders."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, data)
 
 
 def checkpoint_metas(run_url: str, storage_options: dict) -> list[tuple[dict, str]]:

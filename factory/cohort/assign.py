@@ -318,11 +318,10 @@ def order_volumes(inputs: Inputs, pool: Pool, pinned: Pinned, rest: Rest) -> Vol
     """Step 4: profiles and the rest shuffled into cohort order, with their ages and sexes (the
     reference's when following it, else drawn on their own)."""
     n, seed = inputs.n, inputs.seed
-    n_rest = n - len(pinned.labels)
     order = _rng(seed, _ORDER).permutation(n)
     labels = np.concatenate([pinned.labels, pool.labels[rest.rows]])[order]
     source = np.concatenate([pinned.source, rest.rows])[order]
-    profile = np.concatenate([pinned.profile, np.full(n_rest, -1, np.int64)])[order]
+    profile = np.concatenate([pinned.profile, np.full(len(rest.rows), -1, np.int64)])[order]
     if inputs.follow:
         age, sex = pool.age[source], pool.sex[source]  # type: ignore[index]
     else:

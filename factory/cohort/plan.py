@@ -203,7 +203,6 @@ def make_plan(spec: CohortSpec, reference: Reference | None = None) -> Plan:
             "sets: co-occurrence rests on few of them; consider milder targets or a larger "
             "reference"
         )
-    n_rest = inputs.n - len(pinned.labels)
     return Plan(
         spec=spec,
         reference=ref,
@@ -213,7 +212,7 @@ def make_plan(spec: CohortSpec, reference: Reference | None = None) -> Plan:
         profile=volumes.profile,
         attributes=attributes,
         seeds=volume_seeds(inputs.seed, np.arange(inputs.n)),
-        expected=pinned.labels.sum(axis=0) + n_rest * (share @ pool.labels),
+        expected=pinned.labels.sum(axis=0) + len(rest.rows) * (share @ pool.labels),
         effective_size=ess,
         plan_hash=plan_hash(spec, ref),
         warnings=warnings,

@@ -96,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from factory.models.classifier import load_classifier
     from factory.models.text import PromptTruncated, prompts_cut
     from factory.refs import ref_options
-    from factory.store.fs import open_fs
+    from factory.store.fs import write_url
     from factory.store.reader import open_cohort
 
     if args.limit < 2:
@@ -147,9 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
         ),
     )
     out = args.out or f"{args.url.rstrip('/')}/report/eval.json"
-    fs, path = open_fs(out, options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, json.dumps(finite(result), indent=2, allow_nan=False).encode())
+    write_url(out, json.dumps(finite(result), indent=2, allow_nan=False).encode(), options)
     print(summary(result))
     if cut:
         print(
@@ -163,20 +161,12 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     print(f"eval: {out}")
     if log is not None:
-        print(
-            log_line(
-                keep_log(log, args.url, lambda name, data: _put(args.url, name, data, options))
-            )
-        )
+
+        def put(name: str, data: bytes) -> None:
+            write_url(f"{args.url.rstrip('/')}/{name}", data, options)
+
+        print(log_line(keep_log(log, args.url, put)))
     return 0
-
-
-def _put(url: str, name: str, data: bytes, options: dict) -> None:
-    from factory.store.fs import open_fs
-
-    fs, path = open_fs(f"{url.rstrip('/')}/{name}", options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, data)
 
 
 def finite(value):

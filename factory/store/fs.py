@@ -47,6 +47,13 @@ def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstr
         raise StoreError(f"{url}: cannot open: {exc}") from None
 
 
+def write_url(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write ``data`` to a local path or fsspec URL, making parent folders."""
+    fs, path = open_fs(url, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, data)
+
+
 def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = False):
     """A zarr v3 store on ``url``: a LocalStore for paths, an FsspecStore for object storage."""
     from zarr.storage import FsspecStore, LocalStore
