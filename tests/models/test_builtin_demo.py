@@ -3,6 +3,9 @@ generates; its card carries the prompt-pair pictures and the measured yardstick.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from factory.models.checkpoint import BUILTIN_DIR, load_checkpoint
@@ -59,35 +62,42 @@ def test_builtin_demo_classifier_is_honest_and_tells_effusion_and_cardiomegaly_a
         assert p_with.min() > p_without.max(), (fid, p_with, p_without)
 
 
-# sha256 of (HU, then each mask by name) for builtin:demo at these seeds and settings on one
-# CPU thread (torch 2.13.0, x86-64), recorded before the contracts refactoring: what the
-# Generator draws must not change when code moves.
-RECORDED = {
-    7: "884353c8a4e7451d77b4c67b157a75dbd39a3745fb62475513bdd89c49fa5b7b",
-    11: "0c75aa09bde982be07e036ce2b69c89d40e4686c4962325161664dbf8ab80487",
-}
+# What builtin:demo draws at these seeds and settings, as a fingerprint: the HU mean of each of
+# 4 x 4 x 4 blocks and each mask's voxel count (tests/models/builtin_demo_reference.json,
+# recorded on one CPU thread with torch 2.13.0 on x86-64 with AVX-512). Bit-for-bit hashes
+# held only on the CPU that recorded them (GEMM kernels round differently per CPU; on one CPU,
+# 1 and 2 threads differ by at most 1 HU in 0.02% of voxels); a change to what the Generator
+# draws moves block means by far more than the tolerance.
+REQUESTS = [
+    Request("Large bilateral pleural effusion.", seed=7),  # the model's own sampling defaults
+    Request("Cardiomegaly. No pleural effusion.", seed=11, steps=6, guidance=3.0),
+]
+REFERENCE = Path(__file__).with_name("builtin_demo_reference.json")
 
 
-def test_builtin_demo_draws_the_recorded_volumes_bit_for_bit():
-    import hashlib
+def fingerprint(volume) -> dict:
+    """Block means of the HU (4 per axis) and each mask's voxel count."""
+    x, y, z = (n // 4 for n in volume.hu.shape)
+    blocks = volume.hu.astype(np.float64).reshape(4, x, 4, y, 4, z).mean(axis=(1, 3, 5))
+    counts = {name: int(mask.sum()) for name, mask in sorted(volume.masks.items())}
+    return {"block_means": np.round(blocks, 3).ravel().tolist(), "mask_voxels": counts}
 
+
+def test_builtin_demo_draws_the_recorded_volumes():
     import torch
 
     generator = Generator.load("builtin:demo", device="cpu")
-    requests = [
-        Request("Large bilateral pleural effusion.", seed=7),  # the model's own sampling defaults
-        Request("Cardiomegaly. No pleural effusion.", seed=11, steps=6, guidance=3.0),
-    ]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reductions split over threads round differently
+    torch.set_num_threads(1)  # as recorded
     try:
-        volumes = generator.generate(requests)
+        volumes = generator.generate(REQUESTS)
     finally:
         torch.set_num_threads(threads)
     assert volumes[0].sampler == {"steps": 20, "guidance": 5.0, "scheduler": "rectified_flow"}
+    recorded = json.loads(REFERENCE.read_text())
     for volume in volumes:
-        digest = hashlib.sha256(np.ascontiguousarray(volume.hu).tobytes())
-        for name in sorted(volume.masks):
-            digest.update(name.encode())
-            digest.update(np.ascontiguousarray(volume.masks[name]).tobytes())
-        assert digest.hexdigest() == RECORDED[volume.seed], volume.seed
+        want, got = recorded[str(volume.seed)], fingerprint(volume)
+        np.testing.assert_allclose(got["block_means"], want["block_means"], atol=0.5)
+        assert got["mask_voxels"].keys() == want["mask_voxels"].keys()
+        for name, count in want["mask_voxels"].items():
+            assert abs(got["mask_voxels"][name] - count) <= 2 + count // 200, (volume.seed, name)

@@ -59,7 +59,9 @@ def test_fixed_padding_makes_embeddings_independent_of_the_batch(minilm: TextEnc
     alone, alone_mask = minilm.encode([SHORT], pad_to_max=True)
     batch, batch_mask = minilm.encode([LONG, SHORT, LONG, SHORT], pad_to_max=True)
     assert batch.shape[1] == minilm.max_tokens
-    assert torch.equal(batch[1], alone[0]) and torch.equal(batch_mask[3], alone_mask[0])
+    # Equal up to GEMM rounding, which differs with the batch shape on some CPUs (2e-6 here).
+    torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=0)
+    assert torch.equal(batch_mask[3], alone_mask[0])
 
 
 def test_long_prompt_warns_once_and_truncates(minilm: TextEncoder):
