@@ -84,6 +84,26 @@ def _check(args: argparse.Namespace) -> tuple[int, int]:
     return workers
 
 
+def check_pool(text: str, workers: tuple[int, int], gpus_per_worker: float | None) -> None:
+    """Refuse a pool whose minimum can never start: more GPU actors than the cluster's GPUs
+    hold, and no autoscaler to add nodes. A cluster with no GPU node at all is taken for one
+    whose nodes are lost or not yet up: the run waits ``--node-wait`` for them, then stops."""
+    from factory.raycluster import can_autoscale, cluster_has_gpus, init_ray, workers_that_fit
+
+    init_ray(workers[1])
+    gpus = gpus_per_worker if gpus_per_worker is not None else float(cluster_has_gpus())
+    if not gpus:
+        return
+    fit = workers_that_fit({"GPU": gpus})
+    if fit and workers[0] > fit and not can_autoscale():
+        raise UsageError(
+            f"--workers {text}: a minimum of {workers[0]} actors at {gpus:g} GPU each, but the "
+            f"cluster's GPUs hold {fit} and no autoscaler can add nodes; valid here: a minimum "
+            f"of 1 to {fit} (say --workers {fit}-{max(fit, workers[1])}), or a smaller "
+            "--gpus-per-worker"
+        )
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The user-code exception inside Ray's wrappers (task errors carry it as ``cause``)."""
     seen = set()
@@ -129,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 file=console,
             ) as bar,
         ):
+            check_pool(args.workers, workers, args.gpus_per_worker)
             totals = generate_cohort(
                 run,
                 workers=workers,
@@ -137,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
                 progress=lambda rows: bar.update(len(rows)),
                 node_wait_s=args.node_wait,
             )
+    except UsageError:
+        raise
     except Exception as exc:  # a failure that retries did not mend: name it, keep the rest
         cause = exc if isinstance(exc, GenerationError) else root_cause(exc)
         print(

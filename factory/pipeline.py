@@ -90,11 +90,16 @@ class Totals:
             self.bytes_raw += r["bytes_raw"]
 
 
+def installed_version() -> str:
+    """This process's ct-factory version (the driver records its own in the run settings)."""
+    from importlib.metadata import version
+
+    return version("ct-factory")
+
+
 def run_settings(spec, plan, checkpoint, sampler: dict, classifier=None) -> RunSettings:
     """The settings recorded at the cohort root; two runs with equal identity keys (plan hash,
     model hash, sampler, grid, verification) make the same volumes."""
-    from importlib.metadata import version
-
     config = checkpoint.config
     return RunSettings(
         format=FORMAT,
@@ -110,7 +115,7 @@ def run_settings(spec, plan, checkpoint, sampler: dict, classifier=None) -> RunS
         anatomy_channels=list(config.diffusion.anatomy_channels),
         hu_window=list(config.hu_window),
         verify=verify_settings(spec, checkpoint, classifier) if classifier else None,
-        ct_factory_version=version("ct-factory"),
+        ct_factory_version=installed_version(),
         created=now(),
     )
 
@@ -229,6 +234,12 @@ class VolumeWriter:
         self.settings = settings
         self.made_by = this_node()
         here = node_text(self.made_by)
+        ours = installed_version()
+        if settings.ct_factory_version and ours != settings.ct_factory_version:
+            raise ActorStartError(
+                f"ct-factory {ours} on {here} but {settings.ct_factory_version} on the driver; "
+                "install the same ct-factory on every node (one image for the whole cluster)"
+            )
         try:
             self.generator = loader(settings.model, storage_options)
         except (CtFactoryError, OSError) as exc:  # a path that only the driver's machine has

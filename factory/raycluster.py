@@ -8,6 +8,8 @@ workers and the server's replicas all ask these helpers, so they agree.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import socket
@@ -57,6 +59,39 @@ def nodes_that_fit(need: dict[str, float]) -> list[str]:
         for node in ray.nodes()
         if node.get("Alive") and all(node["Resources"].get(k, 0) >= v for k, v in need.items())
     ]
+
+
+def workers_that_fit(need: dict[str, float]) -> int:
+    """How many workers asking for ``need`` the alive nodes hold in all, busy or not."""
+    import ray
+
+    total = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            total += int(min(node["Resources"].get(k, 0) / v for k, v in need.items() if v))
+    return total
+
+
+def can_autoscale() -> bool:
+    """Whether an autoscaler serves the connected cluster, so that it can add nodes: the
+    launcher's, KubeRay's or Ray's fake one. Every head's monitor publishes a status in the
+    GCS; without an autoscaling config it runs a read-only one, whose node types are the nodes
+    themselves (``node_<id>``). Autoscaler v2 marks itself in the GCS."""
+    import ray
+    from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+        types = json.loads(status)["autoscaler_report"]["node_type_mapping"] or {}
+        if any(kind != format_readonly_node_type(node) for node, kind in types.items()):
+            return True
+    v2 = _internal_kv_get(
+        ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY,
+        namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE,
+    )
+    return v2 == b"1"
 
 
 def cpu_threads(workers: int) -> int:

@@ -49,6 +49,14 @@ class Busy(Exception):
     """The generator's queue is full: answered with 503 and Retry-After."""
 
 
+class ReplicaLost(Exception):
+    """The replica running the job died (its node was lost): 503 and Retry-After, while Serve
+    starts a replacement."""
+
+
+REPLACEMENT_S = 15  # Retry-After floor for a lost replica: a new one loads the model first
+
+
 class Backend(Protocol):
     """Where jobs run: the generator deployment, or an in-process generator in tests."""
 
@@ -144,7 +152,10 @@ FILE_RESPONSES = {
     401: {"model": ErrorBody, "description": "missing or wrong API key"},
     413: {"model": ErrorBody, "description": "request body too large"},
     422: {"model": ErrorBody, "description": "a field is invalid; `field` names it"},
-    503: {"model": ErrorBody, "description": "the queue is full; retry after Retry-After s"},
+    503: {
+        "model": ErrorBody,
+        "description": "the queue is full, or the replica was lost; retry after Retry-After s",
+    },
     504: {"model": ErrorBody, "description": "generation exceeded the request timeout"},
 }
 
@@ -194,6 +205,10 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
         except Busy:
             retry = str(max(1, math.ceil(seconds[0])))
             return error(503, "the generator queue is full; retry later", retry_after=retry)
+        except ReplicaLost:
+            retry = str(max(REPLACEMENT_S, math.ceil(seconds[0])))
+            message = "the generator replica was lost (its node went away); retry later"
+            return error(503, message, retry_after=retry)
         except TimeoutError:
             limit = cfg.limits.request_timeout_s
             return error(504, f"generation took longer than the {limit:g} s request timeout")
@@ -297,12 +312,15 @@ class RayBackend:
         self.handle = handle
 
     async def generate(self, job: Job) -> Result:
+        from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
         try:
             return await self.handle.options(multiplexed_model_id=job.model).generate.remote(job)
         except BackPressureError:
             raise Busy from None
+        except RayActorError:  # died with its node, or unreachable: Serve replaces it
+            raise ReplicaLost from None
 
     async def ready(self) -> dict:
         return await self.handle.stats.remote()

@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
     init_ray(1)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # One proxy, on this machine: the address is this machine's (on a cluster, `serve
+        # deploy serve/config.yaml` puts one on every node).
+        serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
         serve.run(build_app(app_args), name="ct-factory", route_prefix="/")
         url = f"http://{args.host}:{args.port}/"
         print(

@@ -1,25 +1,43 @@
 """The factory on several nodes of one machine (``ray.cluster_utils.Cluster``, as Ray's own tests
 do): a CPU head and worker nodes with one logical GPU each (torch runs on CPU underneath). An
 elastic actor pool grows onto added nodes and survives losing one; with no GPU node left a run
-stops within its stated bound and a re-run after nodes return completes the cohort. Drivers run
-as CLI processes joined to the cluster by RAY_ADDRESS, writing to a real S3 server."""
+stops within its stated bound and a re-run after nodes return completes the cohort; elastic
+training loses a node, goes on with fewer workers and grows back, with everything on S3 and
+nothing written locally. Drivers run as CLI processes joined to the cluster by RAY_ADDRESS,
+writing to a real S3 server."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import s3fs
+import yaml
 
+from factory.models.checkpoint import load_checkpoint
 from factory.store.reader import open_cohort
 from tests.conftest import ROOT, ctfactory_bin
 from tests.store_helpers import small_model, write_spec
 from tests.test_pipeline_ray import assert_complete
+from tests.train_helpers import config, phantom_split
+from train.export import export_model, latest_checkpoint
+from train.session import checkpoint_metas
 
-NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20}
+# A GPU worker node; "trainer" keeps training workers on these nodes, off the CPU head.
+STEPS = 40  # diffusion steps of the elastic training test
+
+NODE = {
+    "num_cpus": 1,
+    "num_gpus": 1,
+    "object_store_memory": 80 * 2**20,
+    "resources": {"trainer": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +61,51 @@ def model(tmp_path_factory):
     return small_model(tmp_path_factory.mktemp("model") / "small")
 
 
+def driver(argv: list[str], env: dict, cwd, console: Path) -> subprocess.Popen:
+    """A CLI driver whose stdout and stderr go to files beside ``console`` (a pipe nobody reads
+    while the test waits would block it once full)."""
+    out, err = console.with_suffix(".out").open("w"), console.with_suffix(".err").open("w")
+    run = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env, cwd=cwd)
+    run.console = console  # type: ignore[attr-defined]
+    return run
+
+
+def output(run: subprocess.Popen) -> tuple[str, str]:
+    console = run.console  # type: ignore[attr-defined]
+    return console.with_suffix(".out").read_text(), console.with_suffix(".err").read_text()
+
+
 def generate(cluster, s3, spec, url, *extra: str) -> subprocess.Popen:
     flags = ["--endpoint-url", s3["options"]["endpoint_url"]]
     flags += ["--storage-option", "key=testing", "--storage-option", "secret=testing"]
+    here = Path(spec).parent
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"}
+    env |= local_folders(here)
     argv = [*ctfactory_bin(), "generate", str(spec), "--out", url, *flags, *extra]
-    return subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
-    )
+    return driver(argv, env, here / "work", here / f"driver-{time.monotonic_ns()}")
+
+
+def local_folders(here: Path) -> dict[str, str]:
+    """A driver's working directory (``here/work``) and home, empty, and its caches (models
+    from s3://, matplotlib's fonts) elsewhere: with every URL on S3 the first two stay empty."""
+    for name in ("work", "home"):
+        (here / name).mkdir(exist_ok=True)
+    cache = here / "cache"
+    env = {"HOME": str(here / "home"), "CTFACTORY_CACHE": str(cache)}
+    return env | {"MPLCONFIGDIR": str(cache / "matplotlib")}
+
+
+def nothing_local(here: Path) -> bool:
+    return not any((here / "work").iterdir()) and not any((here / "home").iterdir())
 
 
 def finished(run: subprocess.Popen, timeout: float) -> tuple[str, str]:
     """The driver's stdout and stderr once it exits; killed if it outlives ``timeout``."""
     try:
-        return run.communicate(timeout=timeout)
+        run.wait(timeout)
     finally:
         run.kill()
+    return output(run)
 
 
 def makers(s3, url: str) -> dict[str, str]:
@@ -75,21 +122,27 @@ def makers(s3, url: str) -> dict[str, str]:
     return found
 
 
-def wait_until(condition, timeout: float, what: str, details=lambda: "") -> None:
+def wait_until(condition, timeout: float, what: str, details=lambda: "", run=None) -> None:
+    """Poll ``condition``; fail after ``timeout`` s, or as soon as the driver ``run`` exits."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what} {details()}"
+        if run is not None and run.poll() is not None:
+            out, err = output(run)
+            pytest.fail(f"the driver exited ({run.returncode}) before {what}: {out}{err[-4000:]}")
         time.sleep(0.5)
 
 
 def test_the_pool_grows_onto_added_nodes_and_survives_losing_one(nodes, model, s3, tmp_path):
     cluster, workers = nodes
     url = "s3://cohorts/multinode"
-    spec = write_spec(tmp_path / "spec.yaml", model, n=32, output=url)
+    # 8 steps a volume: a run long enough for the new nodes' actors to load the model and join.
+    sampler = {"steps": 8, "guidance": 3.0}
+    spec = write_spec(tmp_path / "spec.yaml", model, n=48, output=url, sampler=sampler)
     run = generate(cluster, s3, spec, url, "--workers", "1-3", "--gpus-per-worker", "1",
                    "--batch-size", "1")  # fmt: skip
     try:
-        wait_until(lambda: makers(s3, url), 240, "the first committed volume")
+        wait_until(lambda: makers(s3, url), 240, "the first committed volume", run=run)
         workers += [cluster.add_node(**NODE), cluster.add_node(**NODE)]
         ids = {w.node_id for w in workers}
         # The elastic pool grows: volumes come from all three GPU nodes (one actor per GPU).
@@ -100,29 +153,38 @@ def test_the_pool_grows_onto_added_nodes_and_survives_losing_one(nodes, model, s
             seen.append((len(made), len(set(made.values()))))
             return set(made.values()) == ids
 
-        wait_until(grown, 360, "volumes from 3 nodes", lambda: f"(volumes, nodes) seen: {seen}")
+        wait_until(
+            grown, 360, "volumes from 3 nodes", lambda: f"(volumes, nodes): {seen[-5:]}", run
+        )
         cluster.remove_node(workers.pop(0), allow_graceful=False)
     except BaseException:
         run.kill()
         raise
     out, err = finished(run, 300)
     assert run.returncode == 0, err
-    assert "32 of 32 in the cohort" in out
+    assert "48 of 48 in the cohort" in out
     assert_complete(url, s3["options"])
     manifest = open_cohort(url, s3["options"]).manifest
     assert set(manifest["node_id"]) == ids  # the head never generates
-    assert manifest["volume_id"].is_unique and len(manifest) == 32
+    assert manifest["volume_id"].is_unique and len(manifest) == 48
     assert manifest["actor_id"].nunique() >= 3 and manifest["host"].notna().all()
     record = open_cohort(url, s3["options"]).volume(manifest["volume_id"].iloc[0]).record
     assert record["made_by"]["node_id"] == manifest["node_id"].iloc[0]
+    assert nothing_local(tmp_path)  # everything went to S3
 
 
 def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model, s3, tmp_path):
     cluster, workers = nodes
-    while workers:
-        cluster.remove_node(workers.pop(), allow_graceful=False)
     url = "s3://cohorts/stalled"
     spec = write_spec(tmp_path / "spec.yaml", model, n=2, output=url)
+    # A minimum that the cluster's GPUs can never hold, and no autoscaler: refused at once.
+    too_many = generate(cluster, s3, spec, url, "--workers", "3-4", "--gpus-per-worker", "1")
+    out, err = finished(too_many, 120)
+    assert too_many.returncode == 2, out + err
+    assert "--workers 3-4: a minimum of 3 actors at 1 GPU each" in err
+    assert f"valid here: a minimum of 1 to {len(workers)}" in err
+    while workers:  # now every GPU node is lost
+        cluster.remove_node(workers.pop(), allow_graceful=False)
     start = time.monotonic()
     run = generate(cluster, s3, spec, url, "--gpus-per-worker", "1", "--node-wait", "10")
     out, err = finished(run, 180)
@@ -138,3 +200,153 @@ def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model
     assert again.returncode == 0, err
     assert "2 of 2 in the cohort" in out
     assert_complete(url, s3["options"])
+
+
+def test_a_serve_replica_on_a_lost_node_is_replaced_and_no_request_hangs(nodes, model, tmp_path):
+    """The one generator replica's node is removed under load and another node added: every
+    request gets its volume or a 503 with Retry-After, none outlives the request timeout, and
+    the replacement replica serves."""
+    from tests.serve.test_ray import Http, free_port
+
+    cluster, workers = nodes
+    while len(workers) > 1:
+        cluster.remove_node(workers.pop(), allow_graceful=False)
+    if not workers:
+        workers.append(cluster.add_node(**NODE))
+    timeout = 60
+    args = {
+        "models": {"small": str(model)}, "default_model": "small", "api_key_env": None,
+        "gpus_per_replica": 1, "cpus_per_replica": 1,
+        "limits": {"default_steps": 2, "max_steps": 2, "request_timeout_s": timeout},
+    }  # fmt: skip
+    app = {"name": "ct-factory", "route_prefix": "/", "import_path": "serve.app:build_app"}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump({"applications": [{**app, "args": args}]}))
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    with (tmp_path / "serve.log").open("w") as log:
+        server = subprocess.Popen(
+            [*ctfactory_bin(), "serve", "--config", str(tmp_path / "serve.yaml"),
+             "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )  # fmt: skip
+    client = Http(f"http://127.0.0.1:{port}")
+    answers: list[tuple[float, int, str | None, float]] = []  # (sent, status, Retry-After, s)
+    stop = threading.Event()
+
+    def ask(worker: int) -> None:
+        seed = worker * 1000
+        while not stop.is_set():
+            seed += 1
+            sent = time.monotonic()
+            try:
+                status, headers, _ = client.post(
+                    "/v1/previews", {"prompt": "Effusion.", "seed": seed}
+                )
+                retry = headers.get("Retry-After")
+            except OSError as exc:  # refused, reset or timed out: the assertions fail on it
+                status, retry = 0, repr(exc)
+            answers.append((sent, status, retry, time.monotonic() - sent))
+            if status != 200:
+                time.sleep(1)
+
+    askers = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(2)]
+
+    def served_after(moment: float) -> bool:
+        return any(sent > moment and status == 200 for sent, status, _, _ in answers)
+
+    try:
+
+        def ready() -> bool:
+            try:
+                return client.get("/readyz")[0] == 200
+            except OSError:  # not listening yet
+                return False
+
+        wait_until(ready, 240, "Serve to be ready", lambda: (tmp_path / "serve.log").read_text())
+        for asker in askers:
+            asker.start()
+        wait_until(lambda: served_after(0), 120, "a first volume")
+        lost_at = time.monotonic()
+        cluster.remove_node(workers.pop(), allow_graceful=False)
+        workers.append(cluster.add_node(**NODE))
+        wait_until(lambda: served_after(lost_at + 1), 240, "a volume from the replacement",
+                   lambda: str([a[1:] for a in answers[-8:]]))  # fmt: skip
+    finally:
+        stop.set()
+        for asker in askers:  # the last answers come before Serve is stopped
+            if asker.is_alive():
+                asker.join(timeout + 15)
+        server.send_signal(signal.SIGINT)  # stops Serve: its replica holds a node's CPU
+        try:
+            server.wait(90)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    statuses = {status for _, status, _, _ in answers}
+    assert statuses <= {200, 503}, [a for a in answers if a[1] not in (200, 503)]
+    assert all(retry for _, status, retry, _ in answers if status == 503), answers
+    assert max(seconds for *_, seconds in answers) < timeout + 15, answers
+
+
+def test_elastic_training_loses_a_node_then_grows_back_with_nothing_local(
+    nodes, model, s3, tmp_path
+):
+    """Diffusion over three nodes with the VAE, latents and checkpoints on S3: a node removed
+    mid-run, training goes on from the last checkpoint on two workers with the same global
+    batch; the node back, it grows to three again. The driver writes no local file."""
+    cluster, workers = nodes
+    while len(workers) < 3:
+        workers.append(cluster.add_node(**NODE))
+    cluster.wait_for_nodes()
+    fs = s3fs.S3FileSystem(**s3["options"], skip_instance_cache=True)
+    fs.put(str(model), "runs-bucket/models/small", recursive=True)
+    data = phantom_split(tmp_path / "phantom", "train", 12, 0)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    cfg = config(
+        "diffusion", data, "s3://runs-bucket/elastic", name="diffusion",
+        storage_options=s3["options"], workers="1-3", use_gpu=False,  # logical GPUs only
+        worker_resources={"trainer": 1}, elastic_check_s=5, max_failures=3,
+        steps=STEPS, batch_size=6, checkpoint_every=4, log_every=4,
+        diffusion={"vae": "s3://runs-bucket/models/small", "latent_cache": "s3://runs-bucket/latents"},
+    )  # fmt: skip
+    cfg["data"] = {"root": str(data)}  # no held-out split: checkpoints stay quick
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"}
+    env |= local_folders(tmp_path)
+    argv = [*ctfactory_bin(), "train", "diffusion", "--config", str(tmp_path / "train.yaml")]
+    run = driver(argv, env, tmp_path / "work", tmp_path / "driver")
+    run_url, options = "s3://runs-bucket/elastic/diffusion", s3["options"]
+
+    def sizes() -> list[int]:
+        """World sizes of the checkpoints so far, by step."""
+        return [m["world_size"] for m, _ in reversed(checkpoint_metas(run_url, options))]
+
+    try:
+        wait_until(lambda: 3 in sizes(), 300, "a checkpoint on 3 workers", sizes, run)
+        cluster.remove_node(workers.pop(), allow_graceful=False)
+        wait_until(lambda: 2 in sizes(), 300, "a checkpoint on 2 workers", sizes, run)
+        workers.append(cluster.add_node(**NODE))
+        regrown = lambda: 3 in sizes()[sizes().index(2) :]  # noqa: E731
+        wait_until(regrown, 300, "3 workers again", sizes, run)
+    except BaseException:
+        run.kill()
+        raise
+    out, err = finished(run, 300)
+    assert run.returncode == 0, out + err
+    final = latest_checkpoint(run_url, options)
+    history = final["history"]
+    assert [r["step"] for r in history] == list(range(1, STEPS + 1))
+    assert {r["global_batch"] for r in history} == {6}  # per-worker batch scaled, not the global
+    sizes_seen = [r["world_size"] for r in history]
+    assert sizes_seen[0] == 3 and 2 in sizes_seen and sizes_seen[-1] == 3, sizes_seen
+    assert final["meta"]["restarts"] >= 2
+    # Everything went to object storage: the latents, checkpoints and logs; nothing local.
+    assert fs.glob("runs-bucket/latents/*/complete.json")
+    assert fs.glob("runs-bucket/elastic/diffusion/logs/train-diffusion-*.log")
+    assert nothing_local(tmp_path)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    # The model goes to object storage too, and loads back from there as it was exported.
+    digest = export_model(run_url, "s3://runs-bucket/models/elastic", storage_options=options)
+    loaded = load_checkpoint(
+        "s3://runs-bucket/models/elastic", tmp_path / "c", storage_options=options
+    )
+    assert loaded.hash == digest and loaded.card.extra["world_sizes"] == [2, 3]

@@ -64,7 +64,8 @@ def test_leaving_early_closes_the_source():
 
 
 def test_an_actor_that_cannot_reach_the_model_names_its_node_and_the_path(tmp_path):
-    """A model path that only the driver's machine has fails at actor start, named."""
+    """A model path that only the driver's machine has, another model or another ct-factory
+    version fails at actor start, naming the node."""
     import dataclasses
     import socket
 
@@ -87,3 +88,9 @@ def test_an_actor_that_cannot_reach_the_model_names_its_node_and_the_path(tmp_pa
     with pytest.raises(ActorStartError) as caught:
         VolumeWriter(run.url, {}, run.settings, loader=lambda ref, options: Other())
     assert "hash 0000000000000000 on " in str(caught.value) and host in str(caught.value)
+
+    # A node with another ct-factory than the driver's is refused before it loads anything.
+    older = dataclasses.replace(run.settings, ct_factory_version="0.0.1")
+    with pytest.raises(ActorStartError) as caught:
+        VolumeWriter(run.url, {}, older, loader=lambda ref, options: pytest.fail("loaded"))
+    assert "but 0.0.1 on the driver" in str(caught.value) and host in str(caught.value)

@@ -122,6 +122,9 @@ class DiffusionOptions(Strict):
     vae: str | None = None  # checkpoint reference (builtin:NAME, directory, URL) with a VAE
     clip: str | None = None  # optional checkpoint whose CLIP (and text tower) ships with the model
     latent_workers: int = Field(1, ge=1)  # actors of the latent precompute job
+    # Where the encoded latents are kept (a path or URL every node reaches, with the run's
+    # storage_options); default: {data.root}/latents.
+    latent_cache: str | None = None
     text_cache: int = Field(4096, ge=0)  # frozen-encoder outputs kept per worker (0: off)
 
 
@@ -136,6 +139,12 @@ class TrainConfig(Strict):
     storage_options: dict = Field(default_factory=dict)  # fsspec options, e.g. endpoint_url
     workers: str = "1"  # N, or MIN-MAX for elastic training
     use_gpu: bool | None = None  # None: when the cluster has GPUs
+    # Ray resources each worker asks for besides its CPU or GPU: a node group's custom
+    # resource, say {"trainer": 1}, keeps workers on that group (and off a CPU head).
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+    # How often a running elastic run looks for room to grow (Ray Train's
+    # elastic_resize_monitor_interval_s); a lost worker shrinks it at once.
+    elastic_check_s: float = Field(60.0, gt=0)
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)  # global: constant whatever the number of workers
     micro_batch: int = Field(8, ge=1)  # at most this many samples per forward pass

@@ -9,6 +9,7 @@ wall time and final metrics.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pandas as pd
 
 from factory.errors import CtFactoryError
 from factory.models.card import ModelCard
-from factory.models.checkpoint import load_checkpoint, save_checkpoint
+from factory.models.checkpoint import load_checkpoint, save_checkpoint, upload_checkpoint
+from factory.refs import is_local, ref_options
 from train import classifier, clip, diffusion, vae
 from train.config import TrainConfig
 from train.loop import EMA, META_FILE
@@ -78,8 +80,22 @@ def export_model(
     description: str | None = None,
     limitations: str = "",
 ) -> str:
-    """Write the run's model to ``out``; returns the checkpoint's content hash. ``description``
-    and ``limitations`` replace the card's generic text (what the model is, honestly)."""
+    """Write the run's model to ``out`` (a directory, or a URL such as ``s3://...`` written
+    with ``storage_options``); returns the checkpoint's content hash. ``description`` and
+    ``limitations`` replace the card's generic text (what the model is, honestly)."""
+    with tempfile.TemporaryDirectory(prefix="ctfactory-export-") as scratch:
+        return _export(run, out, Path(scratch), name, storage_options, description, limitations)
+
+
+def _export(
+    run: str,
+    out: str | Path,
+    scratch: Path,
+    name: str | None,
+    storage_options: dict | None,
+    description: str | None,
+    limitations: str,
+) -> str:
     state = latest_checkpoint(run, storage_options)
     meta = state["meta"]
     cfg = TrainConfig.model_validate(meta["config"])
@@ -97,7 +113,9 @@ def export_model(
         model = model.model_copy(
             update={"vae": model.vae.model_copy(update={"scale_factor": scale})}
         )
-        vae_ckpt = load_checkpoint(cfg.diffusion.vae)
+        vae_ckpt = load_checkpoint(
+            cfg.diffusion.vae, storage_options=ref_options(cfg.diffusion.vae, cfg.storage_options)
+        )
         networks["vae"] = vae_ckpt.state_dict("vae")
         sources["vae"] = {
             "ref": cfg.diffusion.vae,
@@ -105,10 +123,13 @@ def export_model(
             "steps": vae_ckpt.card.steps,
         }
         if cfg.diffusion.clip:
-            clip_ckpt = load_checkpoint(cfg.diffusion.clip)
+            clip_ckpt = load_checkpoint(
+                cfg.diffusion.clip,
+                storage_options=ref_options(cfg.diffusion.clip, cfg.storage_options),
+            )
             networks.update({k: v for k, v in clip_ckpt.weights.items() if k in ("clip", "text")})
             sources["clip"] = {"ref": cfg.diffusion.clip, "hash": clip_ckpt.hash}
-        labels = training_labels(cfg, Path(out).parent)
+        labels = training_labels(cfg, scratch)
     history = state["history"]
     rows = meta["extra"].get("latents", {})
     card = ModelCard(
@@ -137,8 +158,9 @@ def export_model(
             "latents": rows,
         },
     )
-    try:
+    if is_local(str(out)):
         return save_checkpoint(out, model, networks, card, labels)
-    finally:
-        if labels is not None:
-            labels.unlink()
+    target = scratch / "model"  # object storage: saved here, then uploaded
+    digest = save_checkpoint(target, model, networks, card, labels)
+    upload_checkpoint(target, str(out), storage_options)
+    return digest

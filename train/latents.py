@@ -1,21 +1,22 @@
 """Latents for diffusion training, encoded once by the frozen VAE in a Ray Data job and stored
-next to the dataset, named by the VAE's content hash.
+at a URL every node reaches (the dataset's folder by default, or ``diffusion.latent_cache``:
+say an ``s3://`` prefix), named by the VAE's content hash.
 
-Layout: ``{root}/latents/{splits}-{vae_hash[:16]}/data/*.parquet`` (one row per volume: the
-latent (C, x, y, z) with anatomy channels appended when the model has them, text, labels)
-and ``complete.json`` (hash, rows, image-latent mean and std, scale factor), written last: a
-set without it is incomplete and is encoded again. Latents are stored unscaled; the scale
-factor (1 / std, as latent diffusion does) is applied by training and recorded in the model.
+Layout: ``{cache}/{splits}-{vae_hash[:16]}/data-{nonce}/*.parquet`` (one row per volume: the
+latent (C, x, y, z) with anatomy channels appended when the model has them, text, labels) and
+``complete.json`` (hash, rows, image-latent mean and std, scale factor, which ``data-*``
+folder), written last: a set without it is incomplete and is encoded again. Nothing is renamed,
+so the same protocol holds on object storage. Latents are stored unscaled; the scale factor
+(1 / std, as latent diffusion does) is applied by training and recorded in the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from factory.models.config import ModelConfig
 from factory.models.generator import default_device
 from factory.models.intensity import mask_to_latent
 from factory.models.vae import LatentCodec, build_vae
+from factory.refs import ref_options
+from factory.store.fs import open_fs, write_url
 from train.data import TEXT_COLUMNS, load_row
 
 COMPLETE = "complete.json"
@@ -32,27 +35,26 @@ COMPLETE = "complete.json"
 
 @dataclass(frozen=True)
 class LatentSet:
-    """A finished latent set: where its Parquet files are and what made them."""
+    """A finished latent set: where it and its Parquet files are, and what made them."""
 
-    path: Path
+    url: str
+    data: str
     vae_hash: str
     rows: int
     mean: float
     std: float
 
     @property
-    def data(self) -> Path:
-        return self.path / "data"
-
-    @property
     def scale_factor(self) -> float:
         return 1.0 / self.std
 
 
-def vae_codec(vae_ref: str, model: ModelConfig) -> tuple[LatentCodec, str]:
+def vae_codec(
+    vae_ref: str, model: ModelConfig, storage_options: dict | None = None
+) -> tuple[LatentCodec, str]:
     """The VAE of a checkpoint as a codec that returns unscaled latents, and its hash; refuses a
     VAE whose architecture differs from ``model``'s."""
-    checkpoint = load_checkpoint(vae_ref)
+    checkpoint = load_checkpoint(vae_ref, storage_options=ref_options(vae_ref, storage_options))
     theirs = checkpoint.config.vae.model_copy(update={"scale_factor": 1.0, "decode_slab": 0})
     ours = model.vae.model_copy(update={"scale_factor": 1.0, "decode_slab": 0})
     if theirs != ours or checkpoint.config.size != model.size:
@@ -68,11 +70,13 @@ def vae_codec(vae_ref: str, model: ModelConfig) -> tuple[LatentCodec, str]:
 class LatentEncoder:
     """Ray Data callable: a batch of index rows -> rows with ``latent`` and its statistics."""
 
-    def __init__(self, vae_ref: str, model: str, model_config: dict):
+    def __init__(
+        self, vae_ref: str, model: str, model_config: dict, storage_options: dict | None = None
+    ):
         self.model = model
         self.config = ModelConfig.model_validate(model_config)
         self.device = default_device()
-        self.codec, _ = vae_codec(vae_ref, self.config)
+        self.codec, _ = vae_codec(vae_ref, self.config, storage_options)
         self.codec.to(self.device)
 
     @torch.no_grad()
@@ -95,32 +99,43 @@ class LatentEncoder:
         return out
 
 
-def latent_dir(root: str | Path, splits: Sequence[str], vae_hash: str) -> Path:
-    return Path(root) / "latents" / f"{'+'.join(splits)}-{vae_hash[:16]}"
+def latent_url(cache: str, splits: Sequence[str], vae_hash: str) -> str:
+    return f"{cache.rstrip('/')}/{'+'.join(splits)}-{vae_hash[:16]}"
 
 
-def existing(path: Path, vae_hash: str) -> LatentSet | None:
-    marker = path / COMPLETE
-    if not marker.is_file():
+def existing(url: str, vae_hash: str, storage_options: dict) -> LatentSet | None:
+    """The complete set at ``url`` made by this VAE, if there is one."""
+    fs, path = open_fs(url, storage_options)
+    try:
+        info = json.loads(fs.cat_file(f"{path}/{COMPLETE}"))
+    except (FileNotFoundError, ValueError):
         return None
-    info = json.loads(marker.read_text())
-    if info.get("vae_hash") != vae_hash:
+    if info.get("vae_hash") != vae_hash or "data" not in info:
         return None
-    return LatentSet(path, vae_hash, info["rows"], info["mean"], info["std"])
+    data = f"{url}/{info['data']}"
+    return LatentSet(url, data, vae_hash, info["rows"], info["mean"], info["std"])
 
 
-def finish(tmp: Path, target: Path, vae_hash: str, sums: dict[str, float]) -> LatentSet:
-    """Record the statistics and move a fully written set into place."""
+def finish(url: str, data: str, vae_hash: str, sums: dict[str, float], options: dict) -> LatentSet:
+    """Record the statistics of a fully written ``data`` folder: the set's commitment."""
     count = sums["count"]
     mean = sums["sum"] / count
     std = float(np.sqrt(max(sums["sumsq"] / count - mean**2, 1e-12)))
     info = {"vae_hash": vae_hash, "rows": int(sums["rows"]), "mean": mean, "std": std}
-    info["scale_factor"] = 1.0 / std
-    (tmp / COMPLETE).write_text(json.dumps(info, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return LatentSet(target, vae_hash, info["rows"], mean, std)
+    info |= {"scale_factor": 1.0 / std, "data": data}
+    write_url(f"{url}/{COMPLETE}", (json.dumps(info, indent=2) + "\n").encode(), options)
+    return LatentSet(url, f"{url}/{data}", vae_hash, info["rows"], mean, std)
+
+
+def arrow_fs(url: str, storage_options: dict):
+    """(pyarrow filesystem or None for a local path, path) for Ray Data and Parquet."""
+    import pyarrow.fs
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = open_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return None, path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
 def encode_local(rows: list[dict], vae_ref: str, model: str, config: ModelConfig) -> list[dict]:
@@ -137,47 +152,55 @@ def encode_local(rows: list[dict], vae_ref: str, model: str, config: ModelConfig
 
 def precompute(
     rows: list[dict],
-    root: str,
+    cache: str,
     splits: Sequence[str],
     vae_ref: str,
     model: str,
     config: ModelConfig,
     workers: int = 1,
     use_gpu: bool = False,
+    storage_options: dict | None = None,
 ) -> LatentSet:
-    """Encode ``rows`` with a pool of VAE actors, unless a complete set for this VAE exists."""
+    """Encode ``rows`` with a pool of VAE actors into the set under ``cache`` (a path or URL),
+    unless a complete set for this VAE exists there."""
     import pyarrow.parquet as pq
     import ray
     from ray.data import ActorPoolStrategy
 
-    _, vae_hash = vae_codec(vae_ref, config)
-    target = latent_dir(root, splits, vae_hash)
-    found = existing(target, vae_hash)
+    options = dict(storage_options or {})
+    _, vae_hash = vae_codec(vae_ref, config, options)
+    url = latent_url(cache, splits, vae_hash)
+    found = existing(url, vae_hash, options)
     if found is not None and found.rows == len(rows):
-        print(f"latents: reusing {target} ({found.rows} volumes, VAE {vae_hash[:12]})", flush=True)
+        print(f"latents: reusing {url} ({found.rows} volumes, VAE {vae_hash[:12]})", flush=True)
         return found
-    print(f"latents: encoding {len(rows)} volumes with VAE {vae_hash[:12]} -> {target}", flush=True)
-    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    print(f"latents: encoding {len(rows)} volumes with VAE {vae_hash[:12]} -> {url}", flush=True)
+    data = f"data-{uuid.uuid4().hex[:8]}"
+    filesystem, path = arrow_fs(f"{url}/{data}", options)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 4, 64)))
+    ds = ds.map_batches(
+        LatentEncoder,
+        fn_constructor_kwargs={
+            "vae_ref": vae_ref,
+            "model": model,
+            "model_config": config.model_dump(mode="json"),
+            "storage_options": options,
+        },
+        batch_size=4,
+        compute=ActorPoolStrategy(size=workers),
+        num_cpus=0 if use_gpu else 1,
+        num_gpus=1 if use_gpu else 0,
+    )
     try:
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 4, 64)))
-        ds = ds.map_batches(
-            LatentEncoder,
-            fn_constructor_kwargs={
-                "vae_ref": vae_ref,
-                "model": model,
-                "model_config": config.model_dump(mode="json"),
-            },
-            batch_size=4,
-            compute=ActorPoolStrategy(size=workers),
-            num_cpus=0 if use_gpu else 1,
-            num_gpus=1 if use_gpu else 0,
-        )
-        ds.write_parquet(str(tmp / "data"))
-        table = pq.read_table(tmp / "data", columns=["sum", "sumsq", "count"])
+        ds.write_parquet(path, filesystem=filesystem)
+        table = pq.read_table(path, columns=["sum", "sumsq", "count"], filesystem=filesystem)
         sums = {k: float(np.sum(table[k].to_numpy())) for k in ("sum", "sumsq", "count")}
         sums["rows"] = table.num_rows
         if table.num_rows != len(rows):
             raise RuntimeError(f"latents: wrote {table.num_rows} rows for {len(rows)} volumes")
-        return finish(tmp, target, vae_hash, sums)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:  # an unfinished attempt leaves nothing (a killed one, its folder)
+        fs, folder = open_fs(f"{url}/{data}", options)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(folder, recursive=True)
+        raise
+    return finish(url, data, vae_hash, sums, options)

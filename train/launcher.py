@@ -113,23 +113,26 @@ def build_dataset(cfg: TrainConfig, rows: list[dict], use_gpu: bool):
         ds = ds.random_shuffle(seed=cfg.seed)  # index rows only: cheap, before any volume
         ds = ds.map(load_row, fn_kwargs={"model": cfg.model}, num_cpus=0.5)
         return ds, len(rows), {}
-    from train.latents import precompute
+    from train.latents import arrow_fs, precompute
 
     latents = precompute(
         rows,
-        cfg.data.root,
+        cfg.diffusion.latent_cache or f"{cfg.data.root.rstrip('/')}/latents",
         cfg.data.split,
         cfg.diffusion.vae,
         cfg.model,
         model,
         cfg.diffusion.latent_workers,
         use_gpu,
+        cfg.storage_options,
     )
     columns = ["latent", "report", "impression", "age", "sex", "name"]
-    ds = ray.data.read_parquet(str(latents.data), columns=columns).random_shuffle(seed=cfg.seed)
+    filesystem, path = arrow_fs(latents.data, cfg.storage_options)
+    ds = ray.data.read_parquet(path, columns=columns, filesystem=filesystem)
+    ds = ds.random_shuffle(seed=cfg.seed)
     extra = {
         "scale_factor": latents.scale_factor,
-        "latents": {"path": str(latents.path), "vae_hash": latents.vae_hash},
+        "latents": {"path": latents.url, "vae_hash": latents.vae_hash},
     }
     return ds, latents.rows, extra
 
@@ -155,6 +158,13 @@ def materialize_in_order(dataset):
     must see each epoch's rows exactly as the interrupted run did."""
     dataset.context.execution_options.preserve_order = True
     return dataset.materialize()
+
+
+def worker_resources(cfg: TrainConfig, use_gpu: bool, workers: int) -> dict[str, float]:
+    """What one training worker asks of Ray: a GPU, or this machine's cores shared among the
+    workers, plus the config's ``worker_resources``."""
+    base = {"GPU": 1.0} if use_gpu else {"CPU": float(cpu_threads(workers))}
+    return {**base, **cfg.worker_resources}
 
 
 def launch(cfg: TrainConfig, resume: bool = False):
@@ -188,7 +198,8 @@ def launch(cfg: TrainConfig, resume: bool = False):
         scaling_config=ray.train.ScalingConfig(
             num_workers=lo if lo == hi else (lo, hi),
             use_gpu=use_gpu,
-            resources_per_worker=None if use_gpu else {"CPU": cpu_threads(hi)},
+            resources_per_worker=worker_resources(cfg, use_gpu, hi),
+            elastic_resize_monitor_interval_s=cfg.elastic_check_s,
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(

@@ -350,6 +350,7 @@ def fit(task: Task, cfg: TrainConfig, session: Session, rows: int, extra: dict) 
                 "step_s": dt,
                 "samples_per_s": cfg.batch_size / dt,
                 "world_size": session.world_size,
+                "global_batch": session.world_size * micro * accum,  # batch_size, at any size
             }
             save = pos.step % cfg.checkpoint_every == 0 or pos.step == cfg.steps
             evaluate = save or (cfg.eval_every and pos.step % cfg.eval_every == 0)

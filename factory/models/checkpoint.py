@@ -383,6 +383,31 @@ def _download(fs: Any, root: str, url: str, target: Path) -> None:
         raise CheckpointError(f"{url}: download failed: {exc}") from exc
 
 
+def upload_checkpoint(directory: Path, url: str, storage_options: dict | None = None) -> None:
+    """Copy a saved checkpoint directory to a URL (object storage has no rename): the old
+    checkpoint's checksums go first and the new ones last, so that a reader sees either no
+    checkpoint or a complete one (a download verifies every file against them)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    root = root.rstrip("/")
+    old = fs.find(root) if fs.exists(root) else []
+    if old and f"{root}/{CHECKSUMS_FILE}" not in old:
+        raise CheckpointError(
+            f"{url}: exists and is not a ct-factory checkpoint (no {CHECKSUMS_FILE}); refusing "
+            "to overwrite it: choose a new URL or remove it"
+        )
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    if old:
+        fs.rm(f"{root}/{CHECKSUMS_FILE}")
+        keep = {f"{root}/{n}" for n in names} | {f"{root}/{CHECKSUMS_FILE}"}
+        stale = [p for p in old if p not in keep]
+        if stale:
+            fs.rm(stale)
+    for name in [n for n in names if n != CHECKSUMS_FILE] + [CHECKSUMS_FILE]:
+        fs.pipe_file(f"{root}/{name}", (directory / name).read_bytes())
+
+
 def _cached(
     url: str, cache_dir: Path | None, storage_options: dict | None, hash_files: bool
 ) -> tuple[Path, str]:

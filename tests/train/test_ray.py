@@ -1,5 +1,6 @@
 """Training on a real local Ray cluster: 2 workers per task, exact resume after the driver is
-killed, recovery from a killed worker, checkpoints on an S3 API server, export and reload."""
+killed, recovery from a killed worker, export and reload. Elastic training over several nodes
+with checkpoints on an S3 API server is in tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -198,27 +199,3 @@ def test_a_killed_worker_is_replaced_and_training_restores(cluster, dataset, tmp
     final = latest_checkpoint(cfg.run_url)
     assert final["meta"]["step"] == 8 and final["meta"]["restarts"] >= 1
     assert [r["step"] for r in final["history"]] == list(range(1, 9))
-
-
-def test_elastic_range_with_checkpoints_on_s3(cluster, dataset, tmp_path, s3):
-    cfg = parse_train_config(
-        config(
-            "vae",
-            dataset,
-            "s3://runs-bucket/team",
-            storage_options=s3["options"],
-            workers="1-2",
-            vae={"crop": [16, 16, 16]},
-        )
-    )
-    assert launch(cfg).error is None
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**s3["options"])
-    names = [p.rsplit("/", 1)[-1] for p in fs.ls("runs-bucket/team/vae")]
-    checkpoints = [n for n in names if n.startswith("checkpoint_") and not n.endswith(".json")]
-    assert "metrics.jsonl" in names and len(checkpoints) == 2
-    history = _history(cfg)
-    assert history[-1]["step"] == 4 and {r["world_size"] for r in history} <= {1, 2}
-    export_model(cfg.run_url, tmp_path / "vae-model", storage_options=s3["options"])
-    assert (tmp_path / "vae-model" / "vae.safetensors").is_file()
