@@ -1,0 +1,66 @@
+"""An S3 API server on 127.0.0.1 (moto's, as the tests use) that counts the requests it serves
+by kind, so a benchmark can say what one volume costs in PUT, GET, HEAD and LIST requests."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from urllib.parse import parse_qs
+
+from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+KINDS = ("PUT", "GET", "HEAD", "LIST", "DELETE", "OTHER")
+
+
+def request_kind(method: str, path: str, query: str) -> str:
+    """PUT (and multipart POST), GET, HEAD, LIST (a GET of a bucket), DELETE, or OTHER."""
+    key = path.lstrip("/").partition("/")[2]
+    params = parse_qs(query, keep_blank_values=True)
+    if method == "GET":
+        return "LIST" if not key or "list-type" in params else "GET"
+    if method == "POST":
+        return "DELETE" if "delete" in params else "PUT"
+    return method if method in KINDS else "OTHER"
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs) -> None:  # a line per request would flood the run
+        pass
+
+
+class CountingServer:
+    """moto's S3 server in a thread of this process; ``counts()`` is what it served so far."""
+
+    def __init__(self) -> None:
+        app = DomainDispatcherApplication(create_backend_app)
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+        def counting(environ, start_response):
+            kind = request_kind(
+                environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                environ.get("QUERY_STRING", ""),
+            )  # fmt: skip
+            with self._lock:
+                self._counts[kind] += 1
+            return app(environ, start_response)
+
+        self._server = make_server(
+            "127.0.0.1", 0, counting, threaded=True, request_handler=QuietHandler
+        )
+        self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def options(self) -> dict:
+        """s3fs storage options for this server."""
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {k: self._counts[k] for k in KINDS}
+
+    def stop(self) -> None:
+        self._server.shutdown()
