@@ -30,7 +30,7 @@ from train.export import export_model, latest_checkpoint
 from train.session import checkpoint_metas
 
 # A GPU worker node; "trainer" keeps training workers on these nodes, off the CPU head.
-STEPS = 40  # diffusion steps of the elastic training test
+STEPS = 80  # diffusion steps of the elastic training test: room to shrink and grow back
 
 NODE = {
     "num_cpus": 1,
@@ -185,14 +185,12 @@ def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model
     assert f"valid here: a minimum of 1 to {len(workers)}" in err
     while workers:  # now every GPU node is lost
         cluster.remove_node(workers.pop(), allow_graceful=False)
-    start = time.monotonic()
     run = generate(cluster, s3, spec, url, "--gpus-per-worker", "1", "--node-wait", "10")
-    out, err = finished(run, 180)
-    stopped_after = time.monotonic() - start
+    # No hang: 10 s of waiting, start-up and planning, or the driver is killed (exit -9).
+    out, err = finished(run, 150)
     assert run.returncode == 1, out + err
     assert "no node of the cluster can run a generator actor (each needs 1 GPU)" in err
     assert "re-run the same command" in err
-    assert stopped_after < 150, stopped_after  # 10 s of waiting, start-up, planning: no hang
 
     workers.append(cluster.add_node(**NODE))
     again = generate(cluster, s3, spec, url, "--gpus-per-worker", "1", "--node-wait", "10")
@@ -204,8 +202,8 @@ def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model
 
 def test_a_serve_replica_on_a_lost_node_is_replaced_and_no_request_hangs(nodes, model, tmp_path):
     """The one generator replica's node is removed under load and another node added: every
-    request gets its volume or a 503 with Retry-After, none outlives the request timeout, and
-    the replacement replica serves."""
+    request gets its volume or a 503 with Retry-After (none hangs past the request timeout: the
+    client gives up then, and that fails), and the replacement replica serves."""
     from tests.serve.test_ray import Http, free_port
 
     cluster, workers = nodes
@@ -229,8 +227,9 @@ def test_a_serve_replica_on_a_lost_node_is_replaced_and_no_request_hangs(nodes, 
              "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         )  # fmt: skip
-    client = Http(f"http://127.0.0.1:{port}")
-    answers: list[tuple[float, int, str | None, float]] = []  # (sent, status, Retry-After, s)
+    # A request still unanswered 15 s past the server's timeout hung: it counts as status 0.
+    client = Http(f"http://127.0.0.1:{port}", timeout=timeout + 15)
+    answers: list[tuple[float, int, str | None]] = []  # (sent, status, Retry-After)
     stop = threading.Event()
 
     def ask(worker: int) -> None:
@@ -245,14 +244,14 @@ def test_a_serve_replica_on_a_lost_node_is_replaced_and_no_request_hangs(nodes, 
                 retry = headers.get("Retry-After")
             except OSError as exc:  # refused, reset or timed out: the assertions fail on it
                 status, retry = 0, repr(exc)
-            answers.append((sent, status, retry, time.monotonic() - sent))
+            answers.append((sent, status, retry))
             if status != 200:
                 time.sleep(1)
 
     askers = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(2)]
 
     def served_after(moment: float) -> bool:
-        return any(sent > moment and status == 200 for sent, status, _, _ in answers)
+        return any(sent > moment and status == 200 for sent, status, _ in answers)
 
     try:
 
@@ -281,10 +280,9 @@ def test_a_serve_replica_on_a_lost_node_is_replaced_and_no_request_hangs(nodes, 
             server.wait(90)
         except subprocess.TimeoutExpired:
             server.kill()
-    statuses = {status for _, status, _, _ in answers}
+    statuses = {status for _, status, _ in answers}
     assert statuses <= {200, 503}, [a for a in answers if a[1] not in (200, 503)]
-    assert all(retry for _, status, retry, _ in answers if status == 503), answers
-    assert max(seconds for *_, seconds in answers) < timeout + 15, answers
+    assert all(retry for _, status, retry in answers if status == 503), answers
 
 
 def test_elastic_training_loses_a_node_then_grows_back_with_nothing_local(

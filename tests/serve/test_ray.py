@@ -47,8 +47,9 @@ def free_port() -> int:
 class Http:
     """Minimal HTTP client (urllib): returns (status, headers, body) and never raises on 4xx."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, timeout: float = 120):
         self.base = base
+        self.timeout = timeout  # a response that takes longer raises (TimeoutError)
 
     def call(self, method, path, body=None, key=KEY, raw=None, headers=None):
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
@@ -60,7 +61,7 @@ class Http:
         for k, v in (headers or {}).items():
             request.add_header(k, v)
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.status, response.headers, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.headers, exc.read()
