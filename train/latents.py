@@ -27,7 +27,7 @@ from factory.models.generator import default_device
 from factory.models.intensity import mask_to_latent
 from factory.models.vae import LatentCodec, build_vae
 from factory.refs import ref_options
-from factory.store.fs import open_fs, write_url
+from factory.store.fs import arrow_fs, open_fs, write_url
 from train.data import TEXT_COLUMNS, load_row
 
 COMPLETE = "complete.json"
@@ -125,17 +125,6 @@ def finish(url: str, data: str, vae_hash: str, sums: dict[str, float], options: 
     info |= {"scale_factor": 1.0 / std, "data": data}
     write_url(f"{url}/{COMPLETE}", (json.dumps(info, indent=2) + "\n").encode(), options)
     return LatentSet(url, f"{url}/{data}", vae_hash, info["rows"], mean, std)
-
-
-def arrow_fs(url: str, storage_options: dict):
-    """(pyarrow filesystem or None for a local path, path) for Ray Data and Parquet."""
-    import pyarrow.fs
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, path = open_fs(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        return None, path
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
 def encode_local(rows: list[dict], vae_ref: str, model: str, config: ModelConfig) -> list[dict]:

@@ -10,16 +10,15 @@ config again with ``--resume`` continues it from its latest checkpoint.
 from __future__ import annotations
 
 import math
-import os
 import uuid
 from collections.abc import Callable
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from factory.console import LOGS
 from factory.errors import CtFactoryError
 from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray, parse_workers
+from factory.store.fs import arrow_fs
 from train import classifier, clip, diffusion, vae
 from train.config import TrainConfig
 from train.data import index_rows, load_row
@@ -113,7 +112,7 @@ def build_dataset(cfg: TrainConfig, rows: list[dict], use_gpu: bool):
         ds = ds.random_shuffle(seed=cfg.seed)  # index rows only: cheap, before any volume
         ds = ds.map(load_row, fn_kwargs={"model": cfg.model}, num_cpus=0.5)
         return ds, len(rows), {}
-    from train.latents import arrow_fs, precompute
+    from train.latents import precompute
 
     latents = precompute(
         rows,
@@ -169,7 +168,6 @@ def worker_resources(cfg: TrainConfig, use_gpu: bool, workers: int) -> dict[str,
 
 def launch(cfg: TrainConfig, resume: bool = False):
     """Check, then train; returns Ray Train's ``Result``."""
-    import pyarrow.fs
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -186,12 +184,8 @@ def launch(cfg: TrainConfig, resume: bool = False):
     if cache_dataset(cfg, rows, ray.available_resources().get("object_store_memory", 0)):
         dataset = materialize_in_order(dataset)
 
-    fs, path = run_fs(cfg)
-    local = isinstance(fs, LocalFileSystem)
-    storage_path = os.path.dirname(path) if local else path.rsplit("/", 1)[0]
-    filesystem = None
-    if not local:
-        filesystem = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    filesystem, path = arrow_fs(cfg.run_url, cfg.storage_options)
+    storage_path = path.rsplit("/", 1)[0]
     trainer = TorchTrainer(
         TRAIN_FUNCS[cfg.task],
         train_loop_config={"config": cfg.model_dump(mode="json"), "rows": rows, **extra},

@@ -391,7 +391,7 @@ def upload_checkpoint(directory: Path, url: str, storage_options: dict | None = 
 
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/")
-    old = fs.find(root) if fs.exists(root) else []
+    old = fs.find(root)  # [] where nothing is
     if old and f"{root}/{CHECKSUMS_FILE}" not in old:
         raise CheckpointError(
             f"{url}: exists and is not a ct-factory checkpoint (no {CHECKSUMS_FILE}); refusing "

@@ -54,6 +54,17 @@ def write_url(url: str, data: bytes, storage_options: dict | None = None) -> Non
     fs.pipe_file(path, data)
 
 
+def arrow_fs(url: str, storage_options: dict | None = None):
+    """(a pyarrow filesystem, or None for a local path, and the path) for Ray Data, Ray Train
+    and Parquet, which take pyarrow filesystems rather than fsspec's."""
+    import pyarrow.fs
+
+    fs, path = open_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return None, path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
 def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = False):
     """A zarr v3 store on ``url``: a LocalStore for paths, an FsspecStore for object storage."""
     from zarr.storage import FsspecStore, LocalStore
