@@ -28,12 +28,14 @@ import numpy as np
 import torch
 import yaml
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from factory.data.nifti import nifti_bytes, write_atomic
 from factory.models.checkpoint import load_checkpoint
 from factory.models.generator import Generator, Request, Volume
 from factory.pipeline import generate_cohort, prepare_run
-from factory.store.layout import read_volume, write_volume
+from factory.store.fs import put_objects
+from factory.store.layout import encode_volume, read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "cohorts" / "demo.yaml"
@@ -121,7 +123,8 @@ def sizes(volumes: list[np.ndarray], floats: list[np.ndarray], affine: np.ndarra
         group = root.create_group("volumes")
         start = time.perf_counter()
         for i, hu in enumerate(volumes):
-            write_volume(group, str(i), hu, {}, affine, np.diag(affine)[:3], (-1000, 1000), {})
+            encoded = encode_volume(str(i), hu, {}, affine, np.diag(affine)[:3], (-1000, 1000), {})
+            put_objects(LocalFileSystem(), f"{out}/cohort/volumes/{i}", encoded.objects)
         zarr_s = (time.perf_counter() - start) / len(volumes)
         files = (out / "cohort" / "volumes").rglob("*")
         zarr_bytes = sum(f.stat().st_size for f in files if f.is_file()) / len(volumes)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.generation import NullGenerator, spec_file  # noqa: E402
-from benchmarks.s3counter import KINDS, CountingServer  # noqa: E402
+from tests.s3counter import KINDS, CountingServer  # noqa: E402
 
 
 def drive(args: argparse.Namespace) -> None:

@@ -25,8 +25,8 @@ from factory.refs import ref_options
 from factory.schema import RECORD_KEYS, RESULT_SCHEMA, RunSettings
 from factory.seeds import attempt_seed
 from factory.store.cohort import CohortStore, now
-from factory.store.fs import StoreError, retrying
-from factory.store.layout import FORMAT, intensity_stats, write_volume
+from factory.store.fs import StoreError
+from factory.store.layout import FORMAT, encode_volume, intensity_stats
 
 MANIFEST_FLUSH_ROWS = 1000  # the driver appends a manifest part every this many volumes...
 MANIFEST_FLUSH_S = 30.0  # ... or this many seconds, whichever comes first
@@ -254,7 +254,6 @@ class VolumeWriter:
                 "on every node"
             )
         self.store = CohortStore(url, storage_options)
-        self.volumes = self.store.volumes("r+")
         self.verifier = None
         if settings.verify:
             from factory.evaluate.verify import Verifier
@@ -353,26 +352,20 @@ class VolumeWriter:
             "verification": verdict or None,
             "made_by": self.made_by,
         }
-        sums = retrying(
-            f"volume {vid}: writing its arrays",
-            lambda: write_volume(
-                self.volumes, vid, volume.hu, volume.masks, volume.affine, volume.spacing,
-                self.settings.hu_window, record,
-            ),
+        encoded = encode_volume(
+            vid, volume.hu, volume.masks, volume.affine, volume.spacing,
+            self.settings.hu_window, record,
         )  # fmt: skip
-        stored = retrying(
-            f"volume {vid}: measuring its size",
-            lambda: self.store.fs.du(f"{self.store.path}/volumes/{vid}", total=True),
-        )
+        self.store.write_volume(vid, encoded)
         result = {
             **row,
-            **sums,
+            **encoded.sums,
             **intensity_stats(volume.hu),
             "model_hash": volume.model_hash,
             "sampler": json.dumps(volume.sampler, sort_keys=True),
             "shape": list(volume.hu.shape),
             "spacing_mm": [float(s) for s in volume.spacing],
-            "bytes_stored": int(stored),
+            "bytes_stored": encoded.nbytes,
             "bytes_raw": int(volume.hu.nbytes + sum(m.nbytes for m in volume.masks.values())),
             "generate_s": generate_s,
             "write_s": time.perf_counter() - start,

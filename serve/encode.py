@@ -7,16 +7,15 @@ three mid-planes in the lung and mediastinal windows, resampled to square millim
 from __future__ import annotations
 
 import io
-import tempfile
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import zarr
 from PIL import Image, ImageDraw
+from zarr.storage import MemoryStore
 
 from factory.models.generator import Volume
-from factory.store.layout import write_volume
+from factory.store.layout import encode_volume
 from factory.viz import WINDOWS, planes, windowed
 
 MEDIA_TYPES = {
@@ -36,21 +35,19 @@ def npy_bytes(volume: Volume) -> bytes:
 
 
 def zarr_zip_bytes(volume: Volume, volume_id: str, hu_window, record: dict) -> bytes:
-    """The cohort store's volume layout (OME-Zarr 0.5, masks as a label image) in a zip.
-
-    Written to a folder first and zipped after (stored, the chunks are compressed already):
-    writing a ZipStore directly leaves duplicate entries for metadata updated in place.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        root = zarr.open_group(Path(tmp) / "volume", mode="w")
-        args = (volume.hu, volume.masks, volume.affine, volume.spacing, hu_window, record)
-        write_volume(root, volume_id, *args)
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-            for path in sorted((Path(tmp) / "volume").rglob("*")):
-                if path.is_file():
-                    archive.write(path, path.relative_to(Path(tmp) / "volume").as_posix())
-        return buffer.getvalue()
+    """The cohort store's volume layout (OME-Zarr 0.5, masks as a label image) as group
+    ``volume_id`` of a root group, in a zip (stored: the chunks are compressed already)."""
+    args = (volume.hu, volume.masks, volume.affine, volume.spacing, hu_window, record)
+    encoded = encode_volume(volume_id, *args)
+    root: dict = {}
+    zarr.create_group(MemoryStore(root), zarr_format=3)
+    objects = {key: buffer.to_bytes() for key, buffer in root.items()}
+    objects |= {f"{volume_id}/{key}": data for key, data in encoded.objects.items()}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for key in sorted(objects):
+            archive.writestr(key, objects[key])
+    return buffer.getvalue()
 
 
 def preview_png(volume: Volume, caption: str = "") -> bytes:

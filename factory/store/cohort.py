@@ -37,10 +37,18 @@ from factory.store.fs import (
     StoreError,
     create_exclusive,
     open_fs,
+    put_objects,
+    read_whole,
     retrying,
     zarr_store,
 )
-from factory.store.layout import FORMAT, StoredVolume, check_volume, read_volume
+from factory.store.layout import (
+    FORMAT,
+    EncodedVolume,
+    StoredVolume,
+    check_volume,
+    read_volume,
+)
 
 SPEC_FILE = "spec.yaml"
 PLAN_FILE = "plan.parquet"
@@ -196,6 +204,16 @@ class CohortStore:
             return None
 
     # ----- the commit protocol ----------------------------------------------------------------
+    def volume_path(self, volume_id: str) -> str:
+        return self._p(VOLUMES, volume_id)
+
+    def write_volume(self, volume_id: str, encoded: EncodedVolume) -> None:
+        """Put a volume's objects (replacing those of an earlier, uncommitted attempt)."""
+        retrying(
+            f"volume {volume_id}: writing its arrays",
+            lambda: put_objects(self.fs, self.volume_path(volume_id), encoded.objects),
+        )
+
     def marker_path(self, volume_id: str) -> str:
         return self._p(COMMITTED, f"{volume_id}.json")
 
@@ -211,7 +229,7 @@ class CohortStore:
     def read_marker(self, volume_id: str) -> dict | None:
         """The manifest row held by a volume's marker, or None if absent or unreadable."""
         try:
-            return json.loads(self.fs.cat_file(self.marker_path(volume_id)))
+            return json.loads(read_whole(self.fs, self.marker_path(volume_id)))
         except (FileNotFoundError, ValueError):
             return None
 
@@ -309,7 +327,7 @@ class CohortStore:
         problems = []
         for row in manifest.to_dict("records"):
             vid = row["volume_id"]
-            found = check_volume(volumes, vid, row, self.fs, self._p(VOLUMES, vid))
+            found = check_volume(volumes, vid, row, self.fs, self.volume_path(vid))
             if vid not in committed:
                 found.append("no completion marker")
             problems += [f"{vid}: {p}" for p in found]

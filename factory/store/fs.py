@@ -54,6 +54,28 @@ def write_url(url: str, data: bytes, storage_options: dict | None = None) -> Non
     fs.pipe_file(path, data)
 
 
+def put_objects(fs: fsspec.AbstractFileSystem, root: str, objects: dict[str, bytes]) -> None:
+    """Write ``objects`` (key under ``root`` -> bytes): one PUT each on an object store, sent
+    together; plain files (and their folders) on local disk. Nothing is listed or checked
+    first: a key that exists is replaced."""
+    paths = {f"{root}/{key}": data for key, data in objects.items()}
+    if isinstance(fs, LocalFileSystem):
+        for folder in {path.rsplit("/", 1)[0] for path in paths}:
+            os.makedirs(folder, exist_ok=True)
+        for path, data in paths.items():
+            with open(path, "wb") as f:
+                f.write(data)
+    else:
+        fs.pipe(paths)
+
+
+def read_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """A whole object in one GET (FileNotFoundError if there is none): asked as the byte
+    range from 0, since s3fs asks an object's size first otherwise (a HEAD, and for a key
+    that does not exist a LIST as well)."""
+    return fs.cat_file(path, start=0)
+
+
 def arrow_fs(url: str, storage_options: dict | None = None):
     """(a pyarrow filesystem, or None for a local path, and the path) for Ray Data, Ray Train
     and Parquet, which take pyarrow filesystems rather than fsspec's."""

@@ -1,5 +1,5 @@
-"""An S3 API server on 127.0.0.1 (moto's, as the tests use) that counts the requests it serves
-by kind, so a benchmark can say what one volume costs in PUT, GET, HEAD and LIST requests."""
+"""An S3 API server on 127.0.0.1 (moto's) that counts the requests it serves by kind, so that
+a test or benchmark can say what one volume costs in PUT, GET, HEAD and LIST requests."""
 
 from __future__ import annotations
 
@@ -61,6 +61,11 @@ class CountingServer:
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {k: self._counts[k] for k in KINDS}
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """The requests served since ``before`` (an earlier ``counts()``), by kind."""
+        now = self.counts()
+        return {k: now[k] - before[k] for k in KINDS}
 
     def stop(self) -> None:
         self._server.shutdown()
