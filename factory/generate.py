@@ -7,7 +7,7 @@ import sys
 
 from factory.console import HelpFormatter, keep_log, libraries_to_log, log_line, run_log
 from factory.errors import UsageError
-from factory.raycluster import NODE_WAIT_S, parse_workers
+from factory.raycluster import IN_FLIGHT, NODE_WAIT_S, parse_workers
 from factory.store.cli import add_storage_args, storage_options
 
 EXAMPLES = """examples:
@@ -48,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=4, help="volumes per actor batch")
     parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=IN_FLIGHT,
+        metavar="K",
+        help="batches an actor holds: one samples while the others are written (1: in turn)",
+    )
+    parser.add_argument(
         "--node-wait",
         type=float,
         default=NODE_WAIT_S,
@@ -73,7 +80,7 @@ def _check(args: argparse.Namespace) -> tuple[int, int]:
         workers = parse_workers(args.workers)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
-    for name, low in (("batch_size", 1), ("limit", 0)):
+    for name, low in (("batch_size", 1), ("in_flight", 1), ("limit", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise UsageError(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}")
@@ -157,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 progress=lambda rows: bar.update(len(rows)),
                 node_wait_s=args.node_wait,
+                in_flight=args.in_flight,
             )
     except UsageError:
         raise

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.errors import CtFactoryError
-from factory.raycluster import NODE_WAIT_S, node_text, this_node
+from factory.raycluster import IN_FLIGHT, NODE_WAIT_S, node_text, this_node
 from factory.refs import ref_options
 from factory.schema import RECORD_KEYS, RESULT_SCHEMA, RunSettings
 from factory.seeds import attempt_seed
@@ -215,6 +215,10 @@ class VolumeWriter:
     """A Ray Data callable: loads the model once, then per batch generates each volume, writes
     it to the store and commits it, returning one small row per volume.
 
+    Calls may run concurrently (Ray Data's ``max_concurrent_calls_per_actor``): sampling is
+    one call at a time, and a call compresses and writes its volumes after it lets the next
+    call sample, so that the accelerator does not wait for the store.
+
     ``loader(model_ref, storage_options)`` returns an object with ``model_hash`` and
     ``generate(requests, batch_size)`` (the :class:`Generator` API); benchmarks pass a null one.
     """
@@ -254,6 +258,7 @@ class VolumeWriter:
                 "on every node"
             )
         self.store = CohortStore(url, storage_options)
+        self._sampling = threading.Lock()
         self.verifier = None
         if settings.verify:
             from factory.evaluate.verify import Verifier
@@ -283,9 +288,10 @@ class VolumeWriter:
             else:
                 todo.append(row)
         if todo:
-            start = time.perf_counter()
-            volumes, verdicts = self._generate(todo)
-            each = (time.perf_counter() - start) / len(todo)
+            with self._sampling:  # one batch on the accelerator; the other call writes
+                start = time.perf_counter()
+                volumes, verdicts = self._generate(todo)
+                each = (time.perf_counter() - start) / len(todo)
             for row, volume, verdict in zip(todo, volumes, verdicts, strict=True):
                 try:
                     out.append(self._commit(row, volume, each, verdict))
@@ -471,6 +477,7 @@ def generate_cohort(
     loader: Callable = load_actor_generator,
     progress: Callable[[list[dict]], None] | None = None,
     node_wait_s: float = NODE_WAIT_S,
+    in_flight: int = IN_FLIGHT,
 ) -> Totals:
     """Generate ``run.todo`` with a pool of ``workers`` actors (N, or (MIN, MAX) for a pool that
     grows and shrinks with the cluster); rows reach the manifest in parts.
@@ -478,6 +485,9 @@ def generate_cohort(
     ``gpus_per_worker`` defaults to 1 when the cluster has GPUs, else 0 (CPU actors). When no
     node can host an actor for ``node_wait_s`` (all GPU nodes lost, say), the run stops with a
     GenerationError; what was committed stays, and a re-run finishes the cohort.
+
+    Each actor holds at most ``in_flight`` batches (one sampling, the others being written):
+    ``in_flight * batch_size`` volumes of memory. 1 samples and writes in turn.
     """
     import ray
 
@@ -506,7 +516,12 @@ def generate_cohort(
         },
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=lo,
+            max_size=hi,
+            max_concurrent_calls_per_actor=in_flight,
+            enable_true_multi_threading=in_flight > 1,
+        ),
         num_gpus=gpus,
         num_cpus=0 if gpus else threads,
         zero_copy_batch=True,

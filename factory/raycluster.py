@@ -15,6 +15,7 @@ import re
 import socket
 
 NODE_WAIT_S = 300.0  # a run stops when no node can host one of its workers for this long
+IN_FLIGHT = 2  # batches a generator actor holds: one sampling while the one before is written
 
 
 def init_ray(workers: int) -> None:

@@ -234,6 +234,58 @@ def test_an_actor_crash_is_retried_and_the_run_completes(cluster, model, tmp_pat
     assert_complete(str(tmp_path / "out"))
 
 
+class CrashWhileWriting:
+    """The real generator, except that the actor dies as it starts sampling the first batch
+    after the one with seed ``seed``: that batch is sampled and held by its call, not yet
+    written (its volume's folder, ``blocked``, refuses writes, so the call is retrying). The
+    folder is made writable, and whether the volume had a marker is noted, just before."""
+
+    def __init__(self, inner, seed: int, blocked: str, marker: str, flag: str):
+        self.inner, self.seed, self.blocked, self.marker, self.flag = (
+            inner,
+            seed,
+            blocked,
+            marker,
+            flag,
+        )
+        self.model_hash = inner.model_hash
+        self.armed = False
+
+    def generate(self, requests, batch_size):
+        if self.armed and not os.path.exists(self.flag):
+            Path(self.flag).write_text(str(os.path.exists(self.marker)))
+            os.unlink(self.blocked)
+            os._exit(1)
+        volumes = self.inner.generate(requests, batch_size)
+        self.armed = self.armed or any(r.seed == self.seed for r in requests)
+        return volumes
+
+
+def crash_while_writing_loader(ref, storage_options, **kw):
+    return CrashWhileWriting(load_actor_generator(ref, storage_options), **kw)
+
+
+def test_an_actor_killed_with_sampled_unwritten_volumes_loses_only_those(cluster, model, tmp_path):
+    """Sampling overlaps writing (two calls in flight per actor): a kill inside that window
+    loses the volumes not yet committed, and the retried task writes each of them once."""
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "spec.yaml", model, n=6, output=str(out))
+    run = prepare_run(str(spec))
+    held = run.todo.slice(1, 1).to_pylist()[0]
+    blocked = out / "volumes" / held["volume_id"]
+    blocked.symlink_to("/proc/self")  # read-only: the write retries, the volume stays in memory
+    flag = tmp_path / "crashed"
+    loader = functools.partial(
+        crash_while_writing_loader, seed=held["seed"], blocked=str(blocked),
+        marker=str(out / "committed" / f"{held['volume_id']}.json"), flag=str(flag),
+    )  # fmt: skip
+    totals = generate_cohort(run, workers=1, batch_size=1, loader=loader, in_flight=2)
+    assert flag.exists(), "the actor never crashed"
+    assert flag.read_text() == "False"  # the held volume was sampled, not committed, when killed
+    assert totals.written == 6
+    assert_complete(str(out))
+
+
 def test_a_persistent_write_failure_names_the_volume_and_keeps_the_rest(cluster, model, tmp_path):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "spec.yaml", model, n=5, output=str(out))
