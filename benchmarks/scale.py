@@ -28,7 +28,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.generation import NullGenerator, spec_file  # noqa: E402
+from benchmarks.generation import spec_file  # noqa: E402
+from benchmarks.standin import NullGenerator  # noqa: E402
 from tests.s3counter import KINDS, CountingServer  # noqa: E402
 
 

@@ -272,6 +272,8 @@ def test_bad_input_fails_before_any_work_with_exit_2(capsys, model, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", model, n=4, output=str(tmp_path / "out"))
     code, err = ctfactory(capsys, "generate", str(spec), "--workers", "0")
     assert code == 2 and "--workers '0': need 1 <= MIN <= MAX" in err
+    code, err = ctfactory(capsys, "generate", str(spec), "--in-flight", "0")
+    assert code == 2 and "--in-flight 0: expected an integer >= 1" in err
     spec.write_text(spec.read_text().replace("steps: 2", "steps: 0"))
     code, err = ctfactory(capsys, "generate", str(spec))
     assert code == 2 and "sampler.steps" in err, err
