@@ -1,8 +1,11 @@
 """An S3 API server on 127.0.0.1 (moto's) that counts the requests it serves by kind, so that
-a test or benchmark can say what one volume costs in PUT, GET, HEAD and LIST requests."""
+a test or benchmark can say what one volume costs in PUT, GET, HEAD and LIST requests, and that
+can hold chosen writes at a :class:`Gate` so that a test orders events without racing a clock."""
 
 from __future__ import annotations
 
+import io
+import re
 import threading
 from collections import Counter
 from urllib.parse import parse_qs
@@ -29,11 +32,58 @@ class QuietHandler(WSGIRequestHandler):
         pass
 
 
-class CountingServer:
-    """moto's S3 server in a thread of this process; ``counts()`` is what it served so far."""
+class Gate:
+    """Holds each PUT whose path matches ``pattern`` while closed (at most ``limit_s``), keeping
+    its body for the test to read; the client sees a slow server (and may time out and retry).
+    Closed when made."""
 
-    def __init__(self) -> None:
+    def __init__(self, pattern: str, limit_s: float = 600.0) -> None:
+        self._pattern, self._limit_s = re.compile(pattern), limit_s
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+        self._held: list[bytes] = []
+
+    def open(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def held(self) -> list[bytes]:
+        """The bodies of the requests held now."""
+        with self._lock:
+            return list(self._held)
+
+    def wrap(self, app):
+        """``app`` (a WSGI application) behind this gate."""
+
+        def gated(environ, start_response):
+            if environ["REQUEST_METHOD"] != "PUT" or not self._pattern.search(
+                environ.get("PATH_INFO", "")
+            ):
+                return app(environ, start_response)
+            length = environ.get("CONTENT_LENGTH")
+            body = environ["wsgi.input"].read(int(length) if length else -1)
+            environ["wsgi.input"] = io.BytesIO(body)
+            with self._lock:
+                self._held.append(body)
+            try:
+                self._open.wait(self._limit_s)
+            finally:
+                with self._lock:
+                    self._held.remove(body)
+            return app(environ, start_response)
+
+        return gated
+
+
+class CountingServer:
+    """moto's S3 server in a thread of this process; ``counts()`` is what it served so far.
+    With a ``gate``, the PUTs it matches wait for it to open."""
+
+    def __init__(self, gate: Gate | None = None) -> None:
         app = DomainDispatcherApplication(create_backend_app)
+        app = gate.wrap(app) if gate else app
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -23,6 +24,7 @@ import yaml
 from factory.models.checkpoint import load_checkpoint
 from factory.store.reader import open_cohort
 from tests.conftest import ROOT, ctfactory_bin
+from tests.s3counter import CountingServer, Gate
 from tests.store_helpers import small_model, write_spec
 from tests.test_pipeline_ray import assert_complete
 from tests.train_helpers import config, phantom_split
@@ -108,7 +110,7 @@ def finished(run: subprocess.Popen, timeout: float) -> tuple[str, str]:
     return output(run)
 
 
-def makers(s3, url: str) -> dict[str, str]:
+def makers(s3: dict, url: str) -> dict[str, str]:
     """volume id -> the node id that committed it, from the completion markers."""
     fs = s3fs.S3FileSystem(**s3["options"], skip_instance_cache=True)
     path = url.removeprefix("s3://") + "/committed"
@@ -133,40 +135,61 @@ def wait_until(condition, timeout: float, what: str, details=lambda: "", run=Non
         time.sleep(0.5)
 
 
-def test_the_pool_grows_onto_added_nodes_and_survives_losing_one(nodes, model, s3, tmp_path):
+@pytest.fixture
+def gated():
+    """A request-counting S3 server whose gate holds the completion markers' PUTs (closed at
+    first): ``(options, gate)``."""
+    gate = Gate(r"/committed/[^/]+\.json$")
+    server = CountingServer(gate)
+    s3fs.S3FileSystem(**server.options, skip_instance_cache=True).makedirs("cohorts", True)
+    yield {"options": server.options}, gate
+    gate.open()  # let the held requests go before the server stops
+    server.stop()
+
+
+def held_by(gate: Gate) -> set[str]:
+    """The nodes whose actors wait at the gate with a volume to commit (from the markers'
+    bodies, which hold the manifest row)."""
+    return {m.group(1).decode() for b in gate.held() if (m := NODE_ID.search(b))}
+
+
+NODE_ID = re.compile(rb'"node_id":"([0-9a-f]+)"')
+
+
+def test_the_pool_grows_onto_added_nodes_and_survives_losing_one(nodes, model, gated, tmp_path):
+    """Events in order, without racing the clock: the commits wait at the S3 server's gate
+    until the pool has an actor on each of three nodes (two added while the run goes on);
+    once each node has committed, the gate closes again, so that the run is still going when
+    a node is lost; it finishes on the others."""
     cluster, workers = nodes
+    s3, gate = gated
     url = "s3://cohorts/multinode"
-    # 8 steps a volume: a run long enough for the new nodes' actors to load the model and join.
-    sampler = {"steps": 8, "guidance": 3.0}
-    spec = write_spec(tmp_path / "spec.yaml", model, n=48, output=url, sampler=sampler)
+    spec = write_spec(tmp_path / "spec.yaml", model, n=24, output=url)
     run = generate(cluster, s3, spec, url, "--workers", "1-3", "--gpus-per-worker", "1",
                    "--batch-size", "1")  # fmt: skip
     try:
-        wait_until(lambda: makers(s3, url), 240, "the first committed volume", run=run)
+        wait_until(lambda: held_by(gate), 240, "a first volume at its commit", run=run)
         workers += [cluster.add_node(**NODE), cluster.add_node(**NODE)]
         ids = {w.node_id for w in workers}
-        # The elastic pool grows: volumes come from all three GPU nodes (one actor per GPU).
-        seen: list[tuple[int, int]] = []
-
-        def grown() -> bool:
-            made = makers(s3, url)
-            seen.append((len(made), len(set(made.values()))))
-            return set(made.values()) == ids
-
-        wait_until(
-            grown, 360, "volumes from 3 nodes", lambda: f"(volumes, nodes): {seen[-5:]}", run
-        )
+        # The elastic pool grows: an actor on each GPU node (one actor per GPU) holds a volume.
+        wait_until(lambda: held_by(gate) == ids, 360, "volumes from 3 nodes at their commit",
+                   lambda: f"(held by {held_by(gate)})", run)  # fmt: skip
+        gate.open()
+        committed_by_all = lambda: set(makers(s3, url).values()) == ids  # noqa: E731
+        wait_until(committed_by_all, 120, "committed volumes from 3 nodes", run=run)
+        gate.close()
         cluster.remove_node(workers.pop(0), allow_graceful=False)
+        gate.open()
     except BaseException:
         run.kill()
         raise
     out, err = finished(run, 300)
     assert run.returncode == 0, err
-    assert "48 of 48 in the cohort" in out
+    assert "24 of 24 in the cohort" in out
     assert_complete(url, s3["options"])
     manifest = open_cohort(url, s3["options"]).manifest
     assert set(manifest["node_id"]) == ids  # the head never generates
-    assert manifest["volume_id"].is_unique and len(manifest) == 48
+    assert manifest["volume_id"].is_unique and len(manifest) == 24
     assert manifest["actor_id"].nunique() >= 3 and manifest["host"].notna().all()
     record = open_cohort(url, s3["options"]).volume(manifest["volume_id"].iloc[0]).record
     assert record["made_by"]["node_id"] == manifest["node_id"].iloc[0]
@@ -178,10 +201,12 @@ def test_with_no_gpu_node_left_the_run_stops_then_a_rerun_completes(nodes, model
     url = "s3://cohorts/stalled"
     spec = write_spec(tmp_path / "spec.yaml", model, n=2, output=url)
     # A minimum that the cluster's GPUs can never hold, and no autoscaler: refused at once.
-    too_many = generate(cluster, s3, spec, url, "--workers", "3-4", "--gpus-per-worker", "1")
+    least = len(workers) + 1
+    span = f"{least}-{least + 1}"
+    too_many = generate(cluster, s3, spec, url, "--workers", span, "--gpus-per-worker", "1")
     out, err = finished(too_many, 120)
     assert too_many.returncode == 2, out + err
-    assert "--workers 3-4: a minimum of 3 actors at 1 GPU each" in err
+    assert f"--workers {span}: a minimum of {least} actors at 1 GPU each" in err
     assert f"valid here: a minimum of 1 to {len(workers)}" in err
     while workers:  # now every GPU node is lost
         cluster.remove_node(workers.pop(), allow_graceful=False)
