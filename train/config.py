@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.errors import CtFactoryError
-from factory.models.config import ModelConfig, load_config, presets
+from factory.models.config import ModelConfig, VAEConfig, load_config, presets
 from factory.raycluster import parse_workers
 from factory.refs import absolute
 
@@ -216,13 +216,28 @@ class TrainConfig(Strict):
 
     def fingerprint(self) -> dict:
         """What a checkpoint must share with this config to be resumed by it."""
-        return {
-            "task": self.task,
-            "model": self.architecture().model_dump(mode="json"),
-            "data": {"root": self.data.root, "split": list(self.data.split)},
-            "diffusion": self.diffusion.model_dump(mode="json") if self.task == "diffusion" else {},
-            "train_text": self.clip.train_text if self.task == "clip" else False,
-        } | ({"vae_adversarial": True} if self.task == "vae" and self.vae.adversarial else {})
+        return without_runtime(
+            {
+                "task": self.task,
+                "model": self.architecture().model_dump(mode="json"),
+                "data": {"root": self.data.root, "split": list(self.data.split)},
+                "diffusion": self.diffusion.model_dump(mode="json")
+                if self.task == "diffusion"
+                else {},
+                "train_text": self.clip.train_text if self.task == "clip" else False,
+            }
+            | ({"vae_adversarial": True} if self.task == "vae" and self.vae.adversarial else {})
+        )
+
+
+def without_runtime(fingerprint: dict) -> dict:
+    """``fingerprint`` less the VAE's run-time settings (how to decode, not what was trained),
+    which checkpoints before them recorded."""
+    vae = (fingerprint.get("model") or {}).get("vae")
+    if not isinstance(vae, dict):
+        return fingerprint
+    kept = {k: v for k, v in vae.items() if k not in VAEConfig.RUNTIME}
+    return {**fingerprint, "model": {**fingerprint["model"], "vae": kept}}
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from factory.errors import CtFactoryError
-from train.config import TrainConfig
+from train.config import TrainConfig, without_runtime
 
 STATE_FILE = "state.pt"  # torch.save; read back with weights_only=True (no arbitrary unpickling)
 META_FILE = "meta.json"
@@ -202,7 +202,7 @@ def check_resumable(meta: dict, cfg: TrainConfig, where: str) -> None:
             f"{where}: is a checkpoint of task {meta.get('task')!r}, not {cfg.task!r}; "
             "choose another --name or --storage"
         )
-    theirs, ours = meta.get("fingerprint", {}), cfg.fingerprint()
+    theirs, ours = without_runtime(meta.get("fingerprint", {})), cfg.fingerprint()
     differ = sorted(k for k in ours.keys() | theirs.keys() if theirs.get(k) != ours.get(k))
     if differ:
         raise ResumeError(

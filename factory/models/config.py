@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,8 +39,17 @@ class VAEConfig(Strict):
     # Latents are multiplied by this before diffusion (and divided after), so that they have
     # about unit variance; set from data by training, 1.0 for an untrained model.
     scale_factor: float = Field(1.0, gt=0)
-    # Decode in slabs of this many latent slices (with overlap) to bound memory; 0 = whole.
+    # Decode within about this much tensor memory (GiB): each layer runs in chunks along the
+    # longest axis, GroupNorm by whole-tensor statistics, equal to the whole decode; the chunk
+    # count is chosen from this budget (factory/models/split.py). 0 = whole, no budget.
+    decode_memory_gb: float = Field(0.0, ge=0)
+    # Encode (and, without decode_memory_gb, decode) in overlapping slabs of this many latent
+    # slices blended by MONAI, each slab normalised by its own statistics (an approximation
+    # with seams); 0 = whole.
     decode_slab: int = Field(0, ge=0)
+
+    # How to run the decoder, not what it is: a run resumes, and a model loads, whatever these.
+    RUNTIME: ClassVar[tuple[str, ...]] = ("decode_memory_gb", "decode_slab")
 
     @property
     def factor(self) -> int:

@@ -1,8 +1,9 @@
 """The 3D KL autoencoder (MONAI ``AutoencoderKL``) and the latent codec the pipelines use.
 
 Latents are the posterior mean times ``scale_factor`` (so diffusion sees about unit variance).
-Decoding can run in overlapping slabs along z with MONAI's sliding-window inferer (Gaussian
-blending), which bounds peak memory for 512 x 512 x 192 volumes at a small seam cost.
+Decoding within a memory budget splits every layer into chunks, exactly (factory/models/split.py,
+MAISI's method); encoding can run in overlapping slabs along z with MONAI's sliding-window
+inferer (Gaussian blending), which bounds peak memory at a small seam cost.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import AutoencoderKL
 
 from factory.models.config import VAEConfig
+from factory.models.split import Split, choose_split, split_decode
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:
@@ -45,8 +47,19 @@ class LatentCodec(torch.nn.Module):
         return mu * self.cfg.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> volumes in about [-1, 1]; in slabs when ``decode_slab`` is set."""
-        return self._slabs(z / self.cfg.scale_factor, self.cfg.decode_slab, self.vae.decode)
+        """Scaled latents -> volumes in about [-1, 1]: split to fit ``decode_memory_gb`` when
+        set, else in slabs when ``decode_slab`` is set, else whole."""
+        z = z / self.cfg.scale_factor
+        if self.cfg.decode_memory_gb:
+            kind = z.device.type
+            amp = torch.is_autocast_enabled(kind)
+            itemsize = torch.get_autocast_dtype(kind).itemsize if amp else z.element_size()
+            return split_decode(self.vae, z, self.split(tuple(z.shape), itemsize))
+        return self._slabs(z, self.cfg.decode_slab, self.vae.decode)
+
+    def split(self, latent: tuple[int, ...], itemsize: int) -> Split:
+        """How a decode of ``latent`` fits into ``decode_memory_gb``."""
+        return choose_split(self.vae.decoder, latent, self.cfg.decode_memory_gb, itemsize)
 
     @staticmethod
     def _slabs(x: torch.Tensor, slab: int, fn) -> torch.Tensor:

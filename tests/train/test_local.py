@@ -22,7 +22,15 @@ from train.config import TrainConfigError, apply_overrides, parse_train_config
 from train.data import choose_texts, excerpt, index_rows, load_row, structured
 from train.latents import encode_local
 from train.launcher import cache_dataset, row_bytes
-from train.loop import EMA, accumulation, lr_factor, read_state, rng_for
+from train.loop import (
+    EMA,
+    ResumeError,
+    accumulation,
+    check_resumable,
+    lr_factor,
+    read_state,
+    rng_for,
+)
 from train.session import LocalSession
 
 
@@ -319,6 +327,21 @@ def test_resume_refuses_another_task(dataset, tmp_path):
     other = parse_train_config(config("clip", dataset, tmp_path, steps=4))
     with pytest.raises(ValueError, match="task 'vae', not 'clip'"):
         _run(clip, other, _session(other, rows, tmp_path / "run"), len(rows))
+
+
+def test_resume_does_not_depend_on_how_the_vae_decodes(dataset, tmp_path):
+    """The decode's memory settings say how to run the VAE, not what was trained: a checkpoint
+    that recorded others (or, from before, recorded them at all) resumes; another VAE does not."""
+    cfg = parse_train_config(config("vae", dataset, tmp_path, steps=2))
+    fingerprint = cfg.fingerprint()
+    assert "decode_memory_gb" not in fingerprint["model"]["vae"]
+    vae_then = {**fingerprint["model"]["vae"], "decode_slab": 8, "decode_memory_gb": 4.0}
+    then = {**fingerprint, "model": {**fingerprint["model"], "vae": vae_then}}
+    check_resumable({"task": "vae", "fingerprint": then}, cfg, "run")
+    vae_other = {**vae_then, "channels": [8, 16, 32]}
+    other = {**fingerprint, "model": {**fingerprint["model"], "vae": vae_other}}
+    with pytest.raises(ResumeError, match="different model"):
+        check_resumable({"task": "vae", "fingerprint": other}, cfg, "run")
 
 
 def test_clip_learns_pairs(dataset, tmp_path):
