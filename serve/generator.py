@@ -2,15 +2,19 @@
 
 :func:`run_batch` is the plain-Python core (one loaded ``Generator``, a list of jobs, one
 result each), testable without Ray; :class:`GeneratorDeployment` adds Ray Serve's model
-multiplexing (loaded on demand, least recently used evicted) and ``@serve.batch``.
+multiplexing (loaded on demand, least recently used evicted) and ``@serve.batch``, with two
+batches in flight: one samples while the one before it is encoded (NIfTI's gzip of a
+512x512x128 volume takes seconds), as the factory's actors overlap sampling and writing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -25,6 +29,7 @@ from serve.config import ServeConfig, parse_serve_config
 from serve.encode import MEDIA_TYPES, SUFFIXES, npy_bytes, preview_png, zarr_zip_bytes
 from serve.schemas import Job, volume_id
 
+IN_FLIGHT = 2  # batches a replica holds at once: one sampling, one encoding
 _FIELD = re.compile(r"^request \d+: ([A-Za-z_][\w.]*): (.*)$", re.S)
 
 
@@ -102,8 +107,12 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
     return Result(body=body, media_type=MEDIA_TYPES[job.output], headers=headers)
 
 
-def run_batch(generator: Generator, model_id: str, jobs: list[Job]) -> list[Result]:
-    """Generate ``jobs`` on one model in as few forward passes as their settings allow."""
+def run_batch(
+    generator: Generator, model_id: str, jobs: list[Job], sampling: threading.Lock | None = None
+) -> list[Result]:
+    """Generate ``jobs`` on one model in as few forward passes as their settings allow. The
+    sampling holds ``sampling`` (one batch on the accelerator at a time); encoding does not,
+    so that another batch samples meanwhile."""
     results: list[Result | None] = [None] * len(jobs)
     valid = []
     for i, job in enumerate(jobs):
@@ -113,9 +122,10 @@ def run_batch(generator: Generator, model_id: str, jobs: list[Job]) -> list[Resu
         except RequestError as exc:
             results[i] = _request_error(exc)
     if valid:
-        start = time.perf_counter()
-        volumes = generator.generate([jobs[i].request for i in valid], batch_size=len(valid))
-        seconds = time.perf_counter() - start
+        with sampling or nullcontext():
+            start = time.perf_counter()
+            volumes = generator.generate([jobs[i].request for i in valid], batch_size=len(valid))
+            seconds = time.perf_counter() - start
         for i, volume in zip(valid, volumes, strict=True):
             result = encode(generator, model_id, jobs[i], volume)
             result.headers["X-Batch-Size"] = str(len(valid))
@@ -134,6 +144,7 @@ class GeneratorDeployment:
             torch.set_num_threads(max(1, round(self.cfg.cpus_per_replica)))
         self.batch_sizes: Counter[int] = Counter()
         self.loads: Counter[str] = Counter()
+        self._sampling = threading.Lock()
         self.generate.set_max_batch_size(self.cfg.batching.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
         default = self.cfg.default_model
@@ -156,7 +167,7 @@ class GeneratorDeployment:
             load
         )
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=IN_FLIGHT)
     async def generate(self, jobs: list[Job]) -> list[Result]:
         """Concurrent calls arrive here together; each model's share runs as one batch."""
         self.batch_sizes[len(jobs)] += 1
@@ -172,7 +183,7 @@ class GeneratorDeployment:
                     results[i] = Result(status=503, error=f"model {model_id}: {exc}")
                 continue
             share = [jobs[i] for i in members]
-            out = await asyncio.to_thread(run_batch, generator, model_id, share)
+            out = await asyncio.to_thread(run_batch, generator, model_id, share, self._sampling)
             for i, result in zip(members, out, strict=True):
                 results[i] = result
         return results  # type: ignore[return-value]

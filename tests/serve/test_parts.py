@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import zarr
 from PIL import Image
 
+import serve.generator
 from factory.models.generator import Generator, Request
 from factory.store.layout import read_volume
 from serve.cli import config_from_args
@@ -198,3 +200,38 @@ def test_run_batch_renders_every_format_and_reports_bad_jobs(generator, tmp_path
     png = Image.open(io.BytesIO(results[4].body))
     assert png.format == "PNG" and png.width > 3 * 150 and png.height > 2 * 150
     assert len(set(np.asarray(png).ravel().tolist())) > 16  # a picture, not a flat field
+
+
+def test_the_next_batch_samples_while_one_is_encoded(generator, monkeypatch):
+    """Encoding happens outside the sampling lock: with a batch held in its encoding until
+    another batch has sampled, both finish (holding the lock would keep the second out)."""
+    sampling = threading.Lock()
+    encoding, second_sampled = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    encode, generate = serve.generator.encode, generator.generate
+
+    def held_encode(gen, model_id, job, volume):
+        if job.request.seed == 1:
+            encoding.set()
+            waited.append(second_sampled.wait(30))
+        return encode(gen, model_id, job, volume)
+
+    def noting_generate(requests, batch_size):
+        volumes = generate(requests, batch_size)
+        if requests[0].seed == 2:
+            second_sampled.set()
+        return volumes
+
+    monkeypatch.setattr(serve.generator, "encode", held_encode)
+    monkeypatch.setattr(generator, "generate", noting_generate)
+    first: list = []
+    job = lambda seed: [Job("small", Request("Effusion.", seed=seed, steps=2), "nifti")]  # noqa: E731
+    thread = threading.Thread(
+        target=lambda: first.extend(run_batch(generator, "small", job(1), sampling))
+    )
+    thread.start()
+    assert encoding.wait(60)
+    second = run_batch(generator, "small", job(2), sampling)
+    thread.join(60)
+    assert waited == [True], "the second batch could not sample while the first was encoded"
+    assert [r.status for r in first + second] == [200, 200]
