@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serving.py latency [--n 20] [--steps 10]
     .venv/bin/python benchmarks/serving.py batching [--n 32] [--concurrency 8] [--steps 10]
+        [--gpus 0]
 
 latency: one request at a time, p50/p95, for ``Generator.generate`` plus NIfTI encoding called
 directly in this process and for POST /v1/volumes through Ray Serve (proxy, ingress, handle,
@@ -50,7 +51,7 @@ def post(base: str, body: dict, inside: list | None = None) -> float:
     return time.perf_counter() - start
 
 
-def start_app(model: str, max_batch: int, wait_s: float, threads: int) -> str:
+def start_app(model: str, max_batch: int, wait_s: float, threads: int, gpus: float = 0) -> str:
     """Deploy the application with these batching settings; returns its base URL."""
     from ray import serve
 
@@ -62,6 +63,7 @@ def start_app(model: str, max_batch: int, wait_s: float, threads: int) -> str:
         "batching": {"max_batch_size": max_batch, "batch_wait_timeout_s": wait_s},
         "limits": {"max_ongoing_requests": 16, "max_queued_requests": 64},
         "cpus_per_replica": threads,
+        "gpus_per_replica": gpus,
         "api_key_env": None,
     }
     serve.run(build_app(args), name="bench", route_prefix="/")
@@ -108,7 +110,7 @@ def batching(args) -> None:
         ("@serve.batch off (max batch 1)", 1, 0.0),
         (f"@serve.batch max {args.concurrency}, wait 0.1 s", args.concurrency, 0.1),
     ):
-        base = start_app(args.model, max_batch, wait, threads=os.cpu_count() or 1)
+        base = start_app(args.model, max_batch, wait, threads=os.cpu_count() or 1, gpus=args.gpus)
         bodies = [{"prompt": PROMPT, "seed": i, "steps": args.steps} for i in range(args.n)]
         start = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
@@ -140,6 +142,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--gpus", type=float, default=0, help="GPUs per replica")
     args = parser.parse_args()
     args.n = args.n or (20 if args.what == "latency" else 32)
     {"latency": latency, "batching": batching}[args.what](args)
