@@ -13,7 +13,7 @@ and what Serve's batching buys, printed as markdown tables (docs/benchmarks.md).
 3. Serve: ``benchmarks/serving.py batching`` at concurrency 8, with and without batching.
 
 Without CUDA it says so and measures the CPU path at tiny sizes: tiny at 64^3, batch 1 and 2,
-2 steps; the factory with 4 volumes and one actor; Serve with 4 requests from 2 clients.
+2 steps; the factory with 8 volumes and one actor; Serve with 4 requests from 2 clients.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
         return
     print(f"no CUDA here: the CPU path at tiny sizes; torch {torch.__version__}\n", flush=True)
     sampling(("tiny",), [(64, 64, 64)], [1, 2], 2, args.cap_s, "cpu")
-    script("generation.py", "throughput", "--n", "4", "--workers", "1")
+    script("generation.py", "throughput", "--n", "8", "--workers", "1")
     script("serving.py", "batching", "--n", "4", "--concurrency", "2", "--steps", "2")
 
 
