@@ -89,6 +89,9 @@ class Generator:
         self.model_hash = model_hash
         self.grid = Grid(config.size, config.spacing_mm)
         self.amp = True  # bf16 autocast on CUDA; False samples in full fp32 precision
+        if config.vae.decode_memory_gb:  # a budget that cannot hold a decode is refused now
+            latent = (1, config.vae.latent_channels, *config.latent_size)
+            self.codec.split(latent, 2 if self.device.type == "cuda" else 4)
 
     @classmethod
     def from_config(

@@ -21,7 +21,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import UpSample
+from monai.networks.nets.autoencoderkl import AEKLResBlock
 from torch import nn
+
+from factory.models.config import ConfigError
 
 Pre = Callable[[torch.Tensor], torch.Tensor]
 MAX_SPLITS = 128
@@ -209,9 +213,9 @@ def split_decode(vae: nn.Module, z: torch.Tensor, plan: Split) -> torch.Tensor:
     i = 0
     while i < len(blocks):
         block = blocks[i]
-        if type(block).__name__ == "AEKLResBlock":
+        if isinstance(block, AEKLResBlock):
             x = hold(res_block(block, x, splits, dtype), splits)
-        elif type(block).__name__ == "UpSample" and is_upsample(block):
+        elif isinstance(block, UpSample) and is_upsample(block):
             x = Conv(block.postconv.conv, Nearest2(x))
             x = x if plan.stream else hold(x, splits)  # streamed: the next block recomputes it
         elif isinstance(block, nn.GroupNorm) and i + 1 < len(blocks) and _is_conv(blocks[i + 1]):
@@ -256,9 +260,9 @@ def peak_bytes(decoder: nn.Module, latent: tuple[int, ...], plan: Split, itemsiz
 
 def _channels(block: nn.Module) -> tuple[int, int, int]:
     """(input channels, output channels, voxel scale) of a decoder block."""
-    if type(block).__name__ == "AEKLResBlock":
+    if isinstance(block, AEKLResBlock):
         return block.in_channels, block.out_channels, 1
-    if type(block).__name__ == "UpSample":
+    if isinstance(block, UpSample):
         conv = block.postconv.conv
         return conv.in_channels, conv.out_channels, 8
     if isinstance(block, nn.GroupNorm):
@@ -274,7 +278,7 @@ def choose_split(
     decoder: nn.Module, latent: tuple[int, ...], budget_gb: float, itemsize: int
 ) -> Split:
     """The quickest plan whose estimated peak fits ``budget_gb``: whole, else the fewest chunks
-    (2, 4, ...) holding every block, else the fewest streaming the upsamplings; a ValueError
+    (2, 4, ...) holding every block, else the fewest streaming the upsamplings; a ConfigError
     saying what the budget must at least be when none fits."""
     plans = [WHOLE]
     for stream in (False, True):
@@ -283,7 +287,7 @@ def choose_split(
         if peak_bytes(decoder, latent, plan, itemsize) <= budget_gb * 2**30:
             return plan
     least = peak_bytes(decoder, latent, plans[-1], itemsize) / 2**30
-    raise ValueError(
+    raise ConfigError(
         f"vae.decode_memory_gb: {budget_gb:g} GiB is too little to decode latents of shape "
         f"{tuple(latent)}; it needs at least {least:.2f} GiB ({MAX_SPLITS} chunks, streamed)"
     )

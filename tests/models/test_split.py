@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factory.models.config import VAEConfig, load_config
+from factory.models.config import ConfigError, VAEConfig, load_config
+from factory.models.generator import Generator
 from factory.models.split import WHOLE, Split, choose_split, peak_bytes, ranges, split_decode
 from factory.models.vae import LatentCodec, build_vae
 
@@ -76,11 +77,16 @@ def test_the_codec_chooses_the_split_count_from_its_memory_budget():
     assert out.shape == (1, 1, 32, 32, 32) and not calls
 
 
-def test_a_budget_too_small_names_the_field_and_what_it_needs():
+def test_a_budget_too_small_is_refused_when_the_generator_is_made():
+    """Named with what it needs, before any sampling (not at the first decode)."""
     base = load_config("base")
     vae = build_vae(base.vae)
-    with pytest.raises(ValueError, match=r"vae.decode_memory_gb: 0.5 GiB .* at least [\d.]+ GiB"):
+    with pytest.raises(ConfigError, match=r"vae.decode_memory_gb: 0.5 GiB .* at least [\d.]+ GiB"):
         choose_split(vae.decoder, (1, 4, *base.latent_size), 0.5, 4)
+    tiny = load_config("tiny")
+    small = tiny.model_copy(update={"vae": tiny.vae.model_copy(update={"decode_memory_gb": 1e-6})})
+    with pytest.raises(ConfigError, match=r"vae\.decode_memory_gb: 1e-06 GiB"):
+        Generator.from_config(small, device="cpu")
 
 
 def test_ranges_cover_the_axis_in_order():
