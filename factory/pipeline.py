@@ -390,9 +390,13 @@ def _finding_columns() -> tuple[str, ...]:
     return vocab.COLUMNS
 
 
-def blocks(table: pa.Table, rows: int) -> list[pa.Table]:
-    """The plan rows as blocks of one actor batch each, so that every actor gets work."""
-    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+def blocks(table: pa.Table, rows: int, first: int = 0) -> list[pa.Table]:
+    """The plan rows as blocks of one actor batch each, so that every actor gets work; the
+    ``first`` blocks hold one row each, so that each starting actor commits a volume after
+    sampling one, not a whole batch."""
+    first = min(first, table.num_rows) if rows > 1 else 0
+    singles = [table.slice(i, 1) for i in range(first)]
+    return singles + [table.slice(i, rows) for i in range(first, table.num_rows, rows)]
 
 
 def watched(items: Iterator, check: Callable[[], None], every: float = WATCH_EVERY_S) -> Iterator:
@@ -504,7 +508,7 @@ def generate_cohort(
     threads = None if gpus else cpu_threads(hi)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours shows volumes, rate and ETA
-    ds = ray.data.from_arrow(blocks(run.todo, batch_size))
+    ds = ray.data.from_arrow(blocks(run.todo, batch_size, first=lo))
     results = ds.map_batches(
         VolumeWriter,
         fn_constructor_kwargs={
@@ -514,7 +518,7 @@ def generate_cohort(
             "threads": threads,
             "loader": loader,
         },
-        batch_size=batch_size,
+        batch_size=None,  # a call per block: the first are single volumes, then batches
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
             min_size=lo,
