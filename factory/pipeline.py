@@ -175,7 +175,7 @@ def prepare_run(
     from factory.cohort.plan import make_plan
     from factory.cohort.spec import load_spec
     from factory.models.checkpoint import load_checkpoint
-    from factory.models.samplers import sampling_settings
+    from factory.models.sampling import sampling_settings
 
     spec = load_spec(spec_path)
     spec_text = Path(spec_path).read_text()

@@ -24,7 +24,9 @@ cleared cache entry. S3 credentials and endpoint come from the standard AWS vari
 ``storage_options`` (e.g. ``{"endpoint_url": ...}``), passed to fsspec as is.
 
 Nothing is ever unpickled: weights are read with ``safetensors.torch.load_file`` only, and a
-directory holding a pickle-format file is refused before anything in it is read.
+directory holding a pickle-format file is refused before anything in it is read. Loading checks
+each weights file's safetensors header and size; a network's tensors are read the first time
+they are asked for, so that a driver that only checks a model never loads torch.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch
 
 from factory.errors import CtFactoryError
 from factory.models.card import ModelCard
@@ -67,13 +70,57 @@ class CheckpointError(CtFactoryError, ValueError):
     """A checkpoint that cannot be saved, found or trusted; the message names directory and file."""
 
 
+class Weights(Mapping):
+    """Network name -> its weights, each read from ``{network}.safetensors`` on first use."""
+
+    def __init__(self, directory: Path, networks: list[str]):
+        self.directory, self._networks = directory, networks
+        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __getitem__(self, network: str) -> dict[str, torch.Tensor]:
+        if network not in self._networks:
+            raise KeyError(network)
+        if network not in self._loaded:
+            from safetensors.torch import load_file
+
+            name = f"{network}{WEIGHTS_SUFFIX}"
+            try:
+                self._loaded[network] = load_file(self.directory / name)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"{self.directory}: {name} is not a safetensors file: {exc}"
+                ) from exc
+        return self._loaded[network]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._networks)
+
+    def __len__(self) -> int:
+        return len(self._networks)
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file by its header (8-byte length, JSON) and size, read without torch."""
+    try:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if path.stat().st_size != 8 + length + max(ends, default=0):
+            raise ValueError("its size does not match its header")
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path.parent}: {path.name} is not a safetensors file: {exc}"
+        ) from exc
+
+
 @dataclass
 class Checkpoint:
     """A loaded, verified model: its directory, config, weights per network, card and hash."""
 
     directory: Path
     config: ModelConfig
-    weights: dict[str, dict[str, torch.Tensor]]
+    weights: Mapping[str, dict[str, torch.Tensor]]
     card: ModelCard
     hash: str
 
@@ -199,6 +246,8 @@ def _prepare_weights(
     directory: Path, network: str, state: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors; tensors sharing storage are copied (safetensors refuses them)."""
+    import torch
+
     if not state:
         raise CheckpointError(f"{directory}: weights[{network!r}] is empty")
     out: dict[str, torch.Tensor] = {}
@@ -247,6 +296,8 @@ def save_checkpoint(
     ``directory`` holds either the old content or the complete new checkpoint. An existing
     checkpoint (or empty directory) may be replaced; any other existing path is refused.
     """
+    from safetensors.torch import save_file
+
     directory = Path(directory).absolute()
     unknown = sorted(set(weights) - set(NETWORKS))
     if unknown:
@@ -521,7 +572,7 @@ def load_checkpoint(
     digest = digest or _check_files(directory, hash_files)
     config = _read_config(directory)
     card = _read_card(directory)
-    weights: dict[str, dict[str, torch.Tensor]] = {}
+    networks = []
     for name in _listing(directory):
         if not name.endswith(WEIGHTS_SUFFIX):
             continue
@@ -531,13 +582,12 @@ def load_checkpoint(
                 f"{directory}: {name} is not a known network; valid: "
                 f"{', '.join(n + WEIGHTS_SUFFIX for n in NETWORKS)}"
             )
-        try:
-            weights[network] = load_file(directory / name)
-        except Exception as exc:
-            raise CheckpointError(f"{directory}: {name} is not a safetensors file: {exc}") from exc
-    if not weights:
+        _check_safetensors(directory / name)
+        networks.append(network)
+    if not networks:
         raise CheckpointError(
             f"{directory}: no network weights; expected one or more of "
             f"{', '.join(n + WEIGHTS_SUFFIX for n in NETWORKS)}"
         )
+    weights = Weights(directory, networks)
     return Checkpoint(directory, config, weights, card, digest)

@@ -23,7 +23,8 @@ from factory.models.config import ModelConfig
 from factory.models.diffusion import TextConditionedUNet
 from factory.models.intensity import latent_to_mask, mask_to_latent, unit_to_hu
 from factory.models.negation import Negations, conditioning
-from factory.models.samplers import guided, sample, sampling_settings
+from factory.models.samplers import guided, sample
+from factory.models.sampling import sampling_settings
 from factory.models.text import TextEncoder
 from factory.models.vae import LatentCodec, build_vae
 

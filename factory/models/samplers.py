@@ -14,30 +14,15 @@ from collections.abc import Callable, Sequence
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from factory.errors import CtFactoryError
 from factory.models.config import DiffusionConfig
+from factory.models.sampling import check_scheduler
 
-SCHEDULERS_FOR = {"ddpm": ("ddim", "ddpm"), "rflow": ("rectified_flow",)}
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class SamplerError(CtFactoryError, ValueError):
-    """Sampler settings that the model cannot use."""
-
-
-def default_scheduler(cfg: DiffusionConfig) -> str:
-    return SCHEDULERS_FOR[cfg.objective][0]
 
 
 def make_scheduler(cfg: DiffusionConfig, kind: str | None = None):
     """The MONAI scheduler ``kind`` for a network trained with ``cfg.objective``."""
-    kind = kind or default_scheduler(cfg)
-    valid = SCHEDULERS_FOR[cfg.objective]
-    if kind not in valid:
-        raise SamplerError(
-            f"scheduler {kind!r} cannot sample a model trained with objective "
-            f"{cfg.objective!r}; valid: {', '.join(valid)}"
-        )
+    kind = check_scheduler(cfg, kind)
     common = {"num_train_timesteps": cfg.num_train_timesteps}
     if kind == "rectified_flow":
         return RFlowScheduler(**common, use_discrete_timesteps=False, sample_method="uniform")
@@ -45,36 +30,6 @@ def make_scheduler(cfg: DiffusionConfig, kind: str | None = None):
     if kind == "ddim":
         return DDIMScheduler(**args, clip_sample=False)
     return DDPMScheduler(**args, clip_sample=False)
-
-
-def sampling_settings(
-    cfg: DiffusionConfig,
-    steps: int | None = None,
-    guidance: float | None = None,
-    scheduler: str | None = None,
-) -> dict:
-    """The settings a generation runs with: each one given, or the model's own (its
-    ``diffusion.sampling`` and its objective's scheduler). Checked before any work."""
-    settings = {
-        "steps": cfg.sampling.steps if steps is None else steps,
-        "guidance": float(cfg.sampling.guidance if guidance is None else guidance),
-        "scheduler": scheduler or default_scheduler(cfg),
-    }
-    check_settings(settings["steps"], settings["guidance"], cfg, settings["scheduler"])
-    return settings
-
-
-def check_settings(steps: int, guidance: float, cfg: DiffusionConfig, kind: str | None) -> None:
-    """Fail before any work on settings no sampler can use."""
-    if not isinstance(steps, int) or steps < 1:
-        raise SamplerError(f"steps: {steps!r} is not valid; expected an integer >= 1")
-    if steps > cfg.num_train_timesteps:
-        raise SamplerError(
-            f"steps: {steps} exceeds the model's {cfg.num_train_timesteps} timesteps"
-        )
-    if guidance < 0:
-        raise SamplerError(f"guidance: {guidance!r} is not valid; expected a number >= 0")
-    make_scheduler(cfg, kind)
 
 
 def guided(model: Denoiser, context: torch.Tensor, null: torch.Tensor, w: float) -> Callable:

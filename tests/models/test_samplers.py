@@ -8,7 +8,8 @@ import torch
 
 from factory.models.config import DiffusionConfig, load_config
 from factory.models.diffusion import TextConditionedUNet
-from factory.models.samplers import SamplerError, check_settings, guided, make_scheduler, sample
+from factory.models.samplers import guided, make_scheduler, sample
+from factory.models.sampling import SamplerError, check_settings
 
 TINY = load_config("tiny")
 DDPM = DiffusionConfig()  # objective ddpm, epsilon prediction, scaled-linear betas

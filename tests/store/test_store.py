@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -283,3 +285,21 @@ def test_bad_input_fails_before_any_work_with_exit_2(capsys, model, tmp_path):
     other = write_spec(tmp_path / "m.yaml", tmp_path / "no-model", n=4, output=str(tmp_path / "o"))
     code, err = ctfactory(capsys, "generate", str(other))
     assert code == 2 and "no-model" in err
+
+
+def test_planning_a_run_never_loads_torch(model, tmp_path):
+    """The driver checks the model (files, hashes, safetensors headers, config) and the sampler
+    settings and plans without torch, MONAI or transformers: their import is the largest part
+    of a driver's start-up, and its actors load them anyway."""
+    spec = write_spec(tmp_path / "spec.yaml", model, n=4, output=str(tmp_path / "out"))
+    program = (
+        "import sys\nfrom factory.pipeline import prepare_run\n"
+        f"run = prepare_run({str(spec)!r})\n"
+        "print(run.todo.num_rows, run.settings.model_hash[:12])\n"
+        "print(sorted(m for m in ('torch', 'monai', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    planned, loaded = done.stdout.splitlines()[-2:]
+    assert planned.split() == ["4", load_checkpoint(model).hash[:12]]
+    assert loaded == "[]"
