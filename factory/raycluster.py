@@ -19,7 +19,8 @@ IN_FLIGHT = 2  # batches a generator actor holds: one sampling while the one bef
 
 
 def init_ray(workers: int) -> None:
-    """Connect to ``RAY_ADDRESS`` or start a local cluster with spare logical CPUs."""
+    """Connect to ``RAY_ADDRESS`` or start a local cluster with spare logical CPUs, without
+    Ray's dashboard (a second of start-up; start Ray yourself and set RAY_ADDRESS to watch)."""
     import ray
 
     if ray.is_initialized():
@@ -27,7 +28,7 @@ def init_ray(workers: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2)
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2, include_dashboard=False)
 
 
 def parse_workers(text: str) -> tuple[int, int]:
