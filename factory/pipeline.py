@@ -259,6 +259,7 @@ class VolumeWriter:
             )
         self.store = CohortStore(url, storage_options)
         self._sampling = threading.Lock()
+        self._started = False  # whether a call has sampled yet
         self.verifier = None
         if settings.verify:
             from factory.evaluate.verify import Verifier
@@ -287,12 +288,17 @@ class VolumeWriter:
                 out.append({**committed, "status": "skipped"})
             else:
                 todo.append(row)
-        if todo:
+        # An actor's first volume is sampled alone, then committed, so that a run's first
+        # volume comes after one is sampled, not a whole batch.
+        first, self._started = not self._started, True
+        for part in [todo[:1], todo[1:]] if first else [todo]:
+            if not part:
+                continue
             with self._sampling:  # one batch on the accelerator; the other call writes
                 start = time.perf_counter()
-                volumes, verdicts = self._generate(todo)
-                each = (time.perf_counter() - start) / len(todo)
-            for row, volume, verdict in zip(todo, volumes, verdicts, strict=True):
+                volumes, verdicts = self._generate(part)
+                each = (time.perf_counter() - start) / len(part)
+            for row, volume, verdict in zip(part, volumes, verdicts, strict=True):
                 try:
                     out.append(self._commit(row, volume, each, verdict))
                 except StoreError as exc:  # retries are spent: the driver stops the run
@@ -390,13 +396,9 @@ def _finding_columns() -> tuple[str, ...]:
     return vocab.COLUMNS
 
 
-def blocks(table: pa.Table, rows: int, first: int = 0) -> list[pa.Table]:
-    """The plan rows as blocks of one actor batch each, so that every actor gets work; the
-    ``first`` blocks hold one row each, so that each starting actor commits a volume after
-    sampling one, not a whole batch."""
-    first = min(first, table.num_rows) if rows > 1 else 0
-    singles = [table.slice(i, 1) for i in range(first)]
-    return singles + [table.slice(i, rows) for i in range(first, table.num_rows, rows)]
+def blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """The plan rows as blocks of one actor batch each, so that every actor gets work."""
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
 def watched(items: Iterator, check: Callable[[], None], every: float = WATCH_EVERY_S) -> Iterator:
@@ -508,7 +510,7 @@ def generate_cohort(
     threads = None if gpus else cpu_threads(hi)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours shows volumes, rate and ETA
-    ds = ray.data.from_arrow(blocks(run.todo, batch_size, first=lo))
+    ds = ray.data.from_arrow(blocks(run.todo, batch_size))
     results = ds.map_batches(
         VolumeWriter,
         fn_constructor_kwargs={
@@ -518,7 +520,7 @@ def generate_cohort(
             "threads": threads,
             "loader": loader,
         },
-        batch_size=None,  # a call per block: the first are single volumes, then batches
+        batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
             min_size=lo,

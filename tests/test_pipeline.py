@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from factory.pipeline import GenerationError, blocks, watched
+from factory.pipeline import GenerationError, watched
 
 
 def test_items_flow_and_check_runs_only_while_none_arrives():
@@ -94,17 +94,3 @@ def test_an_actor_that_cannot_reach_the_model_names_its_node_and_the_path(tmp_pa
     with pytest.raises(ActorStartError) as caught:
         VolumeWriter(run.url, {}, older, loader=lambda ref, options: pytest.fail("loaded"))
     assert "but 0.0.1 on the driver" in str(caught.value) and host in str(caught.value)
-
-
-def test_each_starting_actor_first_gets_one_volume_then_whole_batches():
-    """The first volume is committed after one is sampled, not a batch; every row once, in
-    plan order."""
-    import pyarrow as pa
-
-    table = pa.table({"volume_id": [f"v{i}" for i in range(11)]})
-    sizes = lambda parts: [p.num_rows for p in parts]  # noqa: E731
-    parts = blocks(table, 4, first=2)
-    assert sizes(parts) == [1, 1, 4, 4, 1]
-    assert pa.concat_tables(parts).equals(table)
-    assert sizes(blocks(table, 1, first=3)) == [1] * 11
-    assert sizes(blocks(table.slice(0, 2), 4, first=3)) == [1, 1]

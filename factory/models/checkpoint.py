@@ -92,6 +92,9 @@ class Weights(Mapping):
                 ) from exc
         return self._loaded[network]
 
+    def __contains__(self, network: object) -> bool:  # by name: Mapping's would read the file
+        return network in self._networks
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._networks)
 

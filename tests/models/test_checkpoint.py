@@ -8,6 +8,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import safetensors.torch
 import torch
 
 from factory.models import checkpoint as ckpt
@@ -155,7 +156,8 @@ def test_pickle_files_are_refused_before_reading(
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("read something from a directory holding a pickle")
 
-    monkeypatch.setattr(ckpt, "load_file", forbidden)
+    monkeypatch.setattr(ckpt, "_check_safetensors", forbidden)
+    monkeypatch.setattr(safetensors.torch, "load_file", forbidden)
     monkeypatch.setattr(ckpt, "_read_config", forbidden)
     monkeypatch.setattr(ckpt, "_read_checksums", forbidden)
     with pytest.raises(CheckpointError, match=rf"weights{suffix}.*never unpickles.*safetensors"):
@@ -229,7 +231,7 @@ class Interrupted(BaseException):
 
 def _interrupt_second_file(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = ckpt.save_file
+    real = safetensors.torch.save_file
 
     def flaky(tensors: dict, filename: Path) -> None:
         calls.append(filename)
@@ -238,7 +240,7 @@ def _interrupt_second_file(monkeypatch: pytest.MonkeyPatch) -> None:
             raise Interrupted
         real(tensors, filename)
 
-    monkeypatch.setattr(ckpt, "save_file", flaky)
+    monkeypatch.setattr(safetensors.torch, "save_file", flaky)
 
 
 def test_interrupted_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -383,3 +385,23 @@ def test_s3_url_through_a_real_s3_server(
     assert torch.equal(loaded.state_dict("vae")["weight"], _weights()["vae"]["weight"])
     with pytest.raises(CheckpointError, match=r"s3://models/absent: no checkpoint there"):
         load_checkpoint("s3://models/absent", cache_dir=tmp_path / "c", storage_options=options)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_a_damaged_weights_file_is_refused_at_load(saved: tuple[Path, str], damage: str) -> None:
+    """Checked by its header and size when loaded, though its tensors are read only on use."""
+    directory, _ = saved
+    path = directory / "vae.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-7] if damage == "truncated" else data[:8] + b"{not json" + data[17:])
+    with pytest.raises(CheckpointError, match=r"vae.safetensors is not a safetensors file"):
+        load_checkpoint(directory, hash_files=False)
+
+
+def test_weights_are_read_when_a_network_is_asked_for(saved: tuple[Path, str]) -> None:
+    directory, _ = saved
+    checkpoint = load_checkpoint(directory)
+    assert "vae" in checkpoint.weights and not checkpoint.weights._loaded
+    state = checkpoint.state_dict("vae")
+    assert state and all(isinstance(t, torch.Tensor) for t in state.values())
+    assert set(checkpoint.weights._loaded) == {"vae"}

@@ -303,3 +303,31 @@ def test_planning_a_run_never_loads_torch(model, tmp_path):
     planned, loaded = done.stdout.splitlines()[-2:]
     assert planned.split() == ["4", load_checkpoint(model).hash[:12]]
     assert loaded == "[]"
+
+
+def test_an_actors_first_volume_is_sampled_and_committed_alone(model, tmp_path):
+    """The run's first volume comes after one is sampled, not a whole batch; later calls
+    sample whole batches."""
+    from factory.pipeline import load_actor_generator
+
+    spec = write_spec(tmp_path / "spec.yaml", model, n=7, output=str(tmp_path / "out"))
+    run = prepare_run(str(spec))
+    store = CohortStore(run.url)
+    calls: list[tuple[int, int]] = []  # (volumes sampled, volumes committed before)
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner, self.model_hash = inner, inner.model_hash
+
+        def generate(self, requests, batch_size):
+            calls.append((len(requests), len(store.committed_ids())))
+            return self.inner.generate(requests, batch_size)
+
+    writer = VolumeWriter(
+        run.url, {}, run.settings, threads=2,
+        loader=lambda ref, options: Recording(load_actor_generator(ref, options)),
+    )  # fmt: skip
+    rows = writer(run.todo.slice(0, 4)).to_pylist() + writer(run.todo.slice(4, 3)).to_pylist()
+    assert calls == [(1, 0), (3, 1), (3, 4)]
+    assert [r["volume_id"] for r in rows] == run.todo.column("volume_id").to_pylist()
+    assert {r["status"] for r in rows} == {"written"}
