@@ -25,11 +25,11 @@ from ray import serve
 from factory.data.nifti import nifti_bytes
 from factory.models.checkpoint import CheckpointError
 from factory.models.generator import Generator, RequestError
+from factory.raycluster import IN_FLIGHT  # as an actor: one batch samples, one is encoded
 from serve.config import ServeConfig, parse_serve_config
 from serve.encode import MEDIA_TYPES, SUFFIXES, npy_bytes, preview_png, zarr_zip_bytes
 from serve.schemas import Job, volume_id
 
-IN_FLIGHT = 2  # batches a replica holds at once: one sampling, one encoding
 _FIELD = re.compile(r"^request \d+: ([A-Za-z_][\w.]*): (.*)$", re.S)
 
 

@@ -135,6 +135,9 @@ def wait_until(condition, timeout: float, what: str, details=lambda: "", run=Non
         time.sleep(0.5)
 
 
+NODE_ID = re.compile(rb'"node_id":"([0-9a-f]+)"')  # in a completion marker's body
+
+
 @pytest.fixture
 def gated():
     """A request-counting S3 server whose gate holds the completion markers' PUTs (closed at
@@ -151,9 +154,6 @@ def held_by(gate: Gate) -> set[str]:
     """The nodes whose actors wait at the gate with a volume to commit (from the markers'
     bodies, which hold the manifest row)."""
     return {m.group(1).decode() for b in gate.held() if (m := NODE_ID.search(b))}
-
-
-NODE_ID = re.compile(rb'"node_id":"([0-9a-f]+)"')
 
 
 def test_the_pool_grows_onto_added_nodes_and_shrinks_when_they_are_lost(

@@ -216,18 +216,16 @@ class TrainConfig(Strict):
 
     def fingerprint(self) -> dict:
         """What a checkpoint must share with this config to be resumed by it."""
-        return without_runtime(
-            {
-                "task": self.task,
-                "model": self.architecture().model_dump(mode="json"),
-                "data": {"root": self.data.root, "split": list(self.data.split)},
-                "diffusion": self.diffusion.model_dump(mode="json")
-                if self.task == "diffusion"
-                else {},
-                "train_text": self.clip.train_text if self.task == "clip" else False,
-            }
-            | ({"vae_adversarial": True} if self.task == "vae" and self.vae.adversarial else {})
-        )
+        fingerprint = {
+            "task": self.task,
+            "model": self.architecture().model_dump(mode="json"),
+            "data": {"root": self.data.root, "split": list(self.data.split)},
+            "diffusion": self.diffusion.model_dump(mode="json") if self.task == "diffusion" else {},
+            "train_text": self.clip.train_text if self.task == "clip" else False,
+        }
+        if self.task == "vae" and self.vae.adversarial:
+            fingerprint["vae_adversarial"] = True
+        return without_runtime(fingerprint)
 
 
 def without_runtime(fingerprint: dict) -> dict:

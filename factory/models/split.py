@@ -132,6 +132,11 @@ def hold(source: Producer, splits: int) -> Held:
     return Held(out, source.axis)
 
 
+def whole(source: Producer, splits: int) -> torch.Tensor:
+    """``source`` as one tensor: itself if held, else computed chunk by chunk."""
+    return source.x if isinstance(source, Held) else hold(source, splits).x
+
+
 def group_stats(
     norm: nn.GroupNorm, source: Producer, splits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,9 +231,9 @@ def split_decode(vae: nn.Module, z: torch.Tensor, plan: Split) -> torch.Tensor:
         elif _is_conv(block):
             x = hold(Conv(block.conv, x), splits)
         else:
-            x = Held(block(hold(x, splits).x), axis)
+            x = Held(block(whole(x, splits)), axis)
         i += 1
-    return hold(x, splits).x if not isinstance(x, Held) else x.x
+    return whole(x, splits)
 
 
 def peak_bytes(decoder: nn.Module, latent: tuple[int, ...], plan: Split, itemsize: int) -> int:
