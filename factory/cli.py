@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "factory.store.cli",
     "factory.evaluate.cli",
     "factory.card",
+    "factory.import_model",
 )
 PLUGIN_GROUP = "ctfactory.commands"
 

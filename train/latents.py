@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from factory.models.checkpoint import CheckpointError, load_checkpoint
-from factory.models.config import ModelConfig
+from factory.models.config import ModelConfig, VAEConfig
 from factory.models.generator import default_device
 from factory.models.intensity import mask_to_latent
 from factory.models.vae import LatentCodec, build_vae
@@ -55,16 +55,22 @@ def vae_codec(
     """The VAE of a checkpoint as a codec that returns unscaled latents, and its hash; refuses a
     VAE whose architecture differs from ``model``'s."""
     checkpoint = load_checkpoint(vae_ref, storage_options=ref_options(vae_ref, storage_options))
-    theirs = checkpoint.config.vae.model_copy(update={"scale_factor": 1.0, "decode_slab": 0})
     ours = model.vae.model_copy(update={"scale_factor": 1.0, "decode_slab": 0})
-    if theirs != ours or checkpoint.config.size != model.size:
+    theirs, needed = (architecture(v) for v in (checkpoint.config.vae, ours))
+    if theirs != needed or checkpoint.config.size != model.size:
         raise CheckpointError(
-            f"diffusion.vae: {vae_ref} was trained for another model (vae {theirs}, size "
-            f"{checkpoint.config.size}); this model needs vae {ours}, size {model.size}"
+            f"diffusion.vae: {vae_ref} was made for another model (vae {theirs}, size "
+            f"{checkpoint.config.size}); this model needs vae {needed}, size {model.size}: "
+            "give the model config the VAE's settings"
         )
     vae = build_vae(ours)
     vae.load_state_dict(checkpoint.state_dict("vae"))
     return LatentCodec(vae, ours).eval(), checkpoint.hash
+
+
+def architecture(vae: VAEConfig) -> dict:
+    """What a VAE is, less its latent scale and how it is run (VAEConfig.RUNTIME)."""
+    return vae.model_dump(exclude={"scale_factor", *VAEConfig.RUNTIME})
 
 
 class LatentEncoder:

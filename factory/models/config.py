@@ -28,13 +28,20 @@ class Strict(BaseModel):
 
 
 class VAEConfig(Strict):
-    """MONAI AutoencoderKL: each step of ``channels`` after the first halves the grid."""
+    """The 3D KL autoencoder: each step of ``channels`` after the first halves the grid.
 
+    ``arch`` ``autoencoder`` is MONAI's ``AutoencoderKL``; ``maisi`` is MONAI's
+    ``AutoencoderKlMaisi``, the architecture of MAISI's pretrained CT VAE (its weights come in
+    through ``ctfactory import-model``), which splits each convolution itself.
+    """
+
+    arch: Literal["autoencoder", "maisi"] = "autoencoder"
     channels: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = Field(4, ge=1)
     num_res_blocks: int = Field(1, ge=1)
     attention_levels: tuple[bool, ...] = (False, False, False)
     norm_num_groups: int = Field(8, ge=1)
+    norm_eps: float = Field(1e-6, gt=0)
     nonlocal_attention: bool = False
     # Latents are multiplied by this before diffusion (and divided after), so that they have
     # about unit variance; set from data by training, 1.0 for an untrained model.
@@ -47,9 +54,23 @@ class VAEConfig(Strict):
     # slices blended by MONAI, each slab normalised by its own statistics (an approximation
     # with seams); 0 = whole.
     decode_slab: int = Field(0, ge=0)
+    # ``maisi`` only, MAISI's own settings: every convolution runs over ``num_splits`` chunks
+    # along axis ``dim_split`` (0-2) with an overlap, GroupNorm over the whole tensor (exact);
+    # ``norm_float16`` keeps GroupNorm outputs in float16 under mixed precision (MAISI's
+    # inference does; without autocast, on the CPU say, they stay float32).
+    num_splits: int = Field(1, ge=1)
+    dim_split: int = Field(0, ge=0, le=2)
+    norm_float16: bool = False
 
-    # How to run the decoder, not what it is: a run resumes, and a model loads, whatever these.
-    RUNTIME: ClassVar[tuple[str, ...]] = ("decode_memory_gb", "decode_slab")
+    # How to run the networks, not what they are: a run resumes, and a model loads, whatever
+    # these.
+    RUNTIME: ClassVar[tuple[str, ...]] = (
+        "decode_memory_gb",
+        "decode_slab",
+        "num_splits",
+        "dim_split",
+        "norm_float16",
+    )
 
     @property
     def factor(self) -> int:
@@ -62,6 +83,16 @@ class VAEConfig(Strict):
             raise ValueError("attention_levels needs one entry per channels level")
         if any(c % self.norm_num_groups for c in self.channels):
             raise ValueError("every channels value must be divisible by norm_num_groups")
+        if self.arch == "maisi" and self.decode_memory_gb:
+            raise ValueError(
+                "decode_memory_gb applies to arch autoencoder; arch maisi splits its own "
+                "convolutions: set num_splits (MAISI's autoencoder_tp_num_splits) instead"
+            )
+        if self.arch != "maisi" and (self.num_splits > 1 or self.dim_split or self.norm_float16):
+            raise ValueError(
+                "num_splits, dim_split and norm_float16 apply to arch maisi; arch autoencoder "
+                "bounds its decode by decode_memory_gb"
+            )
         return self
 
 
@@ -193,6 +224,15 @@ class ModelConfig(Strict):
         if any(s % f for s in self.size):
             raise ValueError(
                 f"size {self.size} must be divisible by the VAE factor {f} on every axis"
+            )
+        vae = self.vae
+        slices = self.size[vae.dim_split] // f
+        if vae.num_splits > 1 and (slices % vae.num_splits or slices // vae.num_splits < 3):
+            raise ValueError(
+                f"vae.num_splits {vae.num_splits}: MAISI's split convolutions need the latent "
+                f"grid's {slices} slices along vae.dim_split {vae.dim_split} to divide into "
+                f"num_splits parts of at least 3; valid here: "
+                f"{[n for n in range(1, slices // 3 + 1) if slices % n == 0]}"
             )
         lo, hi = self.hu_window
         if not lo < hi:

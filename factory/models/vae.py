@@ -1,4 +1,5 @@
-"""The 3D KL autoencoder (MONAI ``AutoencoderKL``) and the latent codec the pipelines use.
+"""The 3D KL autoencoder (MONAI ``AutoencoderKL``, or MAISI's ``AutoencoderKlMaisi``) and the
+latent codec the pipelines use.
 
 Latents are the posterior mean times ``scale_factor`` (so diffusion sees about unit variance).
 Decoding within a memory budget splits every layer into chunks, exactly (factory/models/split.py,
@@ -8,7 +9,14 @@ inferer (Gaussian blending), which bounds peak memory at a small seam cost.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+    AutoencoderKlMaisi,
+    MaisiGroupNorm3D,
+)
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import AutoencoderKL
 
@@ -17,20 +25,47 @@ from factory.models.split import Split, choose_split, split_decode
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:
-    """A 3D AutoencoderKL with 1 input/output channel and ``2**(levels-1)`` downsampling."""
-    return AutoencoderKL(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        channels=cfg.channels,
-        latent_channels=cfg.latent_channels,
-        num_res_blocks=cfg.num_res_blocks,
-        attention_levels=cfg.attention_levels,
-        norm_num_groups=cfg.norm_num_groups,
-        with_encoder_nonlocal_attn=cfg.nonlocal_attention,
-        with_decoder_nonlocal_attn=cfg.nonlocal_attention,
-        use_flash_attention=True,
-    )
+    """A 3D autoencoder of ``cfg.arch`` with 1 input/output channel and ``2**(levels-1)``
+    downsampling (``AutoencoderKlMaisi`` is an ``AutoencoderKL`` with its own layers)."""
+    common = {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 1,
+        "latent_channels": cfg.latent_channels,
+        "attention_levels": cfg.attention_levels,
+        "norm_num_groups": cfg.norm_num_groups,
+        "norm_eps": cfg.norm_eps,
+        "with_encoder_nonlocal_attn": cfg.nonlocal_attention,
+        "with_decoder_nonlocal_attn": cfg.nonlocal_attention,
+        "use_flash_attention": True,
+    }
+    if cfg.arch == "maisi":
+        return AutoencoderKlMaisi(
+            num_channels=cfg.channels,
+            num_res_blocks=(cfg.num_res_blocks,) * len(cfg.channels),
+            use_convtranspose=False,
+            num_splits=cfg.num_splits,
+            dim_split=cfg.dim_split,
+            norm_float16=cfg.norm_float16,
+            save_mem=False,  # MONAI's default empties the CUDA cache after every layer
+            **common,
+        )
+    return AutoencoderKL(channels=cfg.channels, num_res_blocks=cfg.num_res_blocks, **common)
+
+
+@contextlib.contextmanager
+def norms_for(vae: torch.nn.Module, cfg: VAEConfig, device: torch.device) -> Iterator[None]:
+    """MAISI's float16 GroupNorm outputs only under autocast: without it (the CPU, fp32) the
+    next convolution's float32 weights would meet float16 inputs."""
+    norms = [m for m in vae.modules() if isinstance(m, MaisiGroupNorm3D)]
+    half = cfg.norm_float16 and torch.is_autocast_enabled(device.type)
+    for norm in norms:
+        norm.norm_float16 = half
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.norm_float16 = cfg.norm_float16
 
 
 class LatentCodec(torch.nn.Module):
@@ -43,7 +78,10 @@ class LatentCodec(torch.nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) in [-1, 1] -> (B, C, X/f, Y/f, Z/f) scaled posterior means."""
-        mu = self._slabs(x, self.cfg.decode_slab * self.cfg.factor, lambda v: self.vae.encode(v)[0])
+        with norms_for(self.vae, self.cfg, x.device):
+            mu = self._slabs(
+                x, self.cfg.decode_slab * self.cfg.factor, lambda v: self.vae.encode(v)[0]
+            )
         return mu * self.cfg.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -55,7 +93,8 @@ class LatentCodec(torch.nn.Module):
             amp = torch.is_autocast_enabled(kind)
             itemsize = torch.get_autocast_dtype(kind).itemsize if amp else z.element_size()
             return split_decode(self.vae, z, self.split(tuple(z.shape), itemsize))
-        return self._slabs(z, self.cfg.decode_slab, self.vae.decode)
+        with norms_for(self.vae, self.cfg, z.device):
+            return self._slabs(z, self.cfg.decode_slab, self.vae.decode)
 
     def split(self, latent: tuple[int, ...], itemsize: int) -> Split:
         """How a decode of ``latent`` fits into ``decode_memory_gb``."""

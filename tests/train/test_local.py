@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from factory.models.card import ModelCard
-from factory.models.checkpoint import save_checkpoint
+from factory.models.checkpoint import CheckpointError, save_checkpoint
 from factory.models.classifier import LabelSetError, load_classifier
-from factory.models.config import load_config
+from factory.models.config import load_config, parse_config
 from factory.models.intensity import unit_to_hu
+from factory.models.vae import build_vae
 from factory.raycluster import parse_workers
 from tests.train_helpers import SMALL_MODEL, config, make_dataset, phantom_split
 from train import classifier, clip, diffusion, vae
 from train.config import TrainConfigError, apply_overrides, parse_train_config
 from train.data import choose_texts, excerpt, index_rows, load_row, structured
-from train.latents import encode_local
+from train.latents import encode_local, vae_codec
 from train.launcher import cache_dataset, row_bytes
 from train.loop import (
     EMA,
@@ -457,3 +458,17 @@ def test_classifier_learns_findings_and_exports(findings_dataset, tmp_path):
         model.columns(["Pleural effusion", "Emphysema"])
     with pytest.raises(ValueError, match="classifier grid"):
         model.probabilities(np.zeros((1, 16, 16, 16)))
+
+
+def test_the_vae_must_be_the_models_own_but_not_how_it_runs(tmp_path):
+    model = load_config(SMALL_MODEL).model_dump(mode="json")
+    model["vae"] |= {"arch": "maisi"}
+    maisi = parse_config(model)
+    save_checkpoint(
+        tmp_path / "vae", maisi, {"vae": build_vae(maisi.vae).state_dict()}, ModelCard("v")
+    )
+    model["vae"] |= {"num_splits": 2, "norm_float16": True}  # how it runs: the same VAE
+    codec, _ = vae_codec(str(tmp_path / "vae"), parse_config(model))
+    assert codec.cfg.num_splits == 2
+    with pytest.raises(CheckpointError, match=r"diffusion.vae: .* made for another model"):
+        vae_codec(str(tmp_path / "vae"), load_config(SMALL_MODEL))  # arch autoencoder

@@ -1,6 +1,7 @@
 """Training on a real local Ray cluster: 2 workers per task, exact resume after the driver is
-killed, recovery from a killed worker, export and reload. Elastic training over several nodes
-with checkpoints on an S3 API server is in tests/test_multinode.py."""
+killed, recovery from a killed worker, export and reload, training on an imported MAISI VAE.
+Elastic training over several nodes with checkpoints on an S3 API server is in
+tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -18,10 +19,17 @@ import pytest
 import torch
 import yaml
 
+from factory.models.checkpoint import load_checkpoint
+from factory.models.config import load_config
 from factory.models.generator import Generator, Request
+from factory.models.importer import import_vae
+from factory.models.vae import build_vae
+from factory.pipeline import generate_cohort, prepare_run
 from factory.refs import local_path
+from factory.store.reader import open_cohort
 from tests.conftest import ctfactory_bin
-from tests.train_helpers import config, make_dataset
+from tests.store_helpers import write_spec
+from tests.train_helpers import SMALL_MODEL, config, make_dataset
 from train.config import parse_train_config
 from train.data import index_rows
 from train.export import export_model, latest_checkpoint
@@ -199,3 +207,51 @@ def test_a_killed_worker_is_replaced_and_training_restores(cluster, dataset, tmp
     final = latest_checkpoint(cfg.run_url)
     assert final["meta"]["step"] == 8 and final["meta"]["restarts"] >= 1
     assert [r["step"] for r in final["history"]] == list(range(1, 9))
+
+
+def test_an_imported_maisi_vae_trains_a_diffusion_model_that_makes_a_cohort(
+    cluster, dataset, tmp_path
+):
+    # MAISI's architecture at the small grid, random weights, saved as MAISI publishes them
+    # (a dict holding them under unet_state_dict) with a DataParallel prefix.
+    model = yaml.safe_load(Path(SMALL_MODEL).read_text())
+    model["vae"] |= {"arch": "maisi", "num_splits": 2, "norm_float16": True}
+    model_yaml = tmp_path / "maisi-small.yaml"
+    model_yaml.write_text(yaml.safe_dump(model))
+    torch.manual_seed(0)
+    weights = build_vae(load_config(model_yaml).vae).state_dict()
+    published = tmp_path / "autoencoder.pt"
+    torch.save({"unet_state_dict": {f"module.{k}": v for k, v in weights.items()}}, published)
+    imported = tmp_path / "maisi-vae"  # the command's own test is tests/models/test_import.py
+    import_vae(published, load_config(model_yaml), imported, license="Test-1.0")
+
+    cfg = parse_train_config(
+        config(
+            "diffusion",
+            dataset,
+            tmp_path / "runs",
+            model=str(model_yaml),
+            steps=2,
+            diffusion={"vae": str(imported), "latent_cache": str(tmp_path / "latents")},
+        )
+    )
+    assert launch(cfg).error is None
+    (complete,) = (tmp_path / "latents").glob("*/complete.json")
+    std = json.loads(complete.read_text())["std"]
+    export_model(cfg.run_url, tmp_path / "model", name="on-maisi")
+
+    trained = load_checkpoint(tmp_path / "model")
+    assert trained.config.vae.arch == "maisi"
+    assert trained.config.vae.scale_factor == pytest.approx(1 / std)  # from the data
+    for key, value in weights.items():  # the VAE stayed frozen
+        assert torch.equal(trained.state_dict("vae")[key], value), key
+    sources = json.loads((tmp_path / "model" / "model_card.json").read_text())["extra"]
+    assert sources["sources"]["vae"]["hash"] == load_checkpoint(imported).hash
+
+    spec = write_spec(tmp_path / "spec.yaml", tmp_path / "model", n=2, output=str(tmp_path / "c"))
+    totals = generate_cohort(prepare_run(str(spec)), workers=1, batch_size=2)
+    assert totals.written == 2
+    cohort = open_cohort(str(tmp_path / "c"))
+    assert cohort.check() == []
+    volume = cohort.volume(cohort.manifest.iloc[0]["volume_id"])
+    assert volume.hu.shape == (32, 32, 32) and set(volume.masks) == {"lungs", "heart"}
