@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from factory.models.checkpoint import load_checkpoint
 from factory.models.config import ConfigError, load_config, parse_config
@@ -169,3 +170,16 @@ def test_the_command_says_one_line_and_exits_2(tmp_path, weights, run_cli):
     assert good.returncode == 0, good.stderr
     assert "as the maisi VAE of config 'test-small'" in good.stdout
     assert "examples:" in run_cli("import-model", "--help").stdout
+
+
+def test_safetensors_weights_import_and_a_damaged_file_is_refused(tmp_path, weights):
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, path)
+    _, source = import_vae(path, CFG, tmp_path / "m", license="x")
+    assert source.form == "state dict"
+    loaded = load_checkpoint(tmp_path / "m").state_dict("vae")
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match=f"^{damaged}: not a readable safetensors file"):
+        import_vae(damaged, CFG, tmp_path / "n", license="x")

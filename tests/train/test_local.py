@@ -17,9 +17,15 @@ from factory.models.config import load_config, parse_config
 from factory.models.intensity import unit_to_hu
 from factory.models.vae import build_vae
 from factory.raycluster import parse_workers
+from tests.conftest import ROOT
 from tests.train_helpers import SMALL_MODEL, config, make_dataset, phantom_split
 from train import classifier, clip, diffusion, vae
-from train.config import TrainConfigError, apply_overrides, parse_train_config
+from train.config import (
+    TrainConfigError,
+    apply_overrides,
+    load_train_config,
+    parse_train_config,
+)
 from train.data import choose_texts, excerpt, index_rows, load_row, structured
 from train.latents import encode_local, vae_codec
 from train.launcher import cache_dataset, row_bytes
@@ -472,3 +478,9 @@ def test_the_vae_must_be_the_models_own_but_not_how_it_runs(tmp_path):
     assert codec.cfg.num_splits == 2
     with pytest.raises(CheckpointError, match=r"diffusion.vae: .* made for another model"):
         vae_codec(str(tmp_path / "vae"), load_config(SMALL_MODEL))  # arch autoencoder
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "train/configs").glob("*.yaml")))
+def test_every_shipped_training_config_is_valid(name):
+    cfg = load_train_config(ROOT / "train/configs" / name)
+    assert cfg.architecture().name in ("tiny", "maisi")
