@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "factory.evaluate.cli",
     "factory.card",
     "factory.import_model",
+    "factory.segment",
 )
 PLUGIN_GROUP = "ctfactory.commands"
 

@@ -21,7 +21,7 @@ from factory.models.card import ModelCard
 from factory.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from factory.models.config import ModelConfig
 from factory.models.diffusion import TextConditionedUNet
-from factory.models.intensity import latent_to_mask, mask_to_latent, unit_to_hu
+from factory.models.intensity import hu_to_unit, latent_to_mask, mask_to_latent, unit_to_hu
 from factory.models.negation import Negations, conditioning
 from factory.models.samplers import guided, sample
 from factory.models.sampling import sampling_settings
@@ -35,7 +35,9 @@ class RequestError(CtFactoryError, ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    """One volume to generate. ``masks`` fixes anatomy channels (name -> 0/1 array on the grid).
+    """One volume to generate. ``masks`` fixes anatomy channels (name -> 0/1 array on the grid);
+    ``image`` (HU on the grid) fixes the image latents to its encoding, so that the anatomy
+    channels are sampled for a given CT: MedSyn's segmentation by generation.
 
     ``negative_prompt`` is what guidance steers away from, as in diffusers' pipelines; with a
     model's ``text.negations: guide`` the prompt's own negations ("no pleural effusion") join it.
@@ -48,6 +50,7 @@ class Request:
     scheduler: str | None = None
     masks: Mapping[str, np.ndarray] | None = None
     negative_prompt: str = ""
+    image: np.ndarray | None = None
 
 
 @dataclass
@@ -153,6 +156,11 @@ class Generator:
                     f"request {index}: masks.{name}: shape {tuple(np.shape(mask))} does not match "
                     f"the model grid {tuple(self.config.size)}"
                 )
+        if request.image is not None and tuple(np.shape(request.image)) != tuple(self.config.size):
+            raise RequestError(
+                f"request {index}: image: shape {tuple(np.shape(request.image))} does not match "
+                f"the model grid {tuple(self.config.size)}"
+            )
         return settings
 
     def settings(self, request: Request) -> dict:
@@ -242,15 +250,23 @@ class Generator:
     def _known(
         self, requests: Sequence[Request]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Latent-grid versions of the given masks in [-1, 1] and which channels are fixed."""
+        """Latent-grid versions of the given masks in [-1, 1] and images (their encodings), and
+        which channels are fixed."""
         cfg = self.config
         channels = cfg.diffusion.anatomy_channels
-        if not any(r.masks for r in requests):
+        if not any(r.masks or r.image is not None for r in requests):
             return None, None
         shape = (len(requests), cfg.latent_channels, *cfg.latent_size)
         known = torch.zeros(shape, device=self.device)
         fixed = torch.zeros(shape[:2], dtype=torch.bool, device=self.device)
+        image = cfg.vae.latent_channels
         for b, r in enumerate(requests):
+            if r.image is not None:
+                hu = torch.as_tensor(np.asarray(r.image), dtype=torch.float32, device=self.device)
+                with self._autocast():
+                    z = self.codec.encode(hu_to_unit(hu, cfg.hu_window)[None, None])
+                known[b, :image] = z[0].float()
+                fixed[b, :image] = True
             for name, mask in (r.masks or {}).items():
                 c = cfg.vae.latent_channels + channels.index(name)
                 full = torch.as_tensor(

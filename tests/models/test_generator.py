@@ -68,6 +68,19 @@ def test_fixed_anatomy_masks_come_back(generator):
     assert (out.masks["lungs"] == lungs).mean() > 0.95
 
 
+def test_a_fixed_image_keeps_its_encoding_and_the_anatomy_is_sampled_for_it(generator):
+    hu = np.random.default_rng(0).uniform(-1000, 1000, (64, 64, 64)).astype(np.float32)
+    fixed = generator.generate([Request(PROMPTS[0], seed=5, steps=2, image=hu)])[0]
+    free = generator.generate([Request(PROMPTS[0], seed=5, steps=2)])[0]
+    with torch.no_grad():
+        unit = torch.as_tensor(hu / 1000.0)[None, None]
+        again = generator.codec.decode(generator.codec.encode(unit))[0, 0]
+    expected = np.clip(np.round(again.numpy() * 1000.0), -1000, 1000)
+    assert np.abs(fixed.hu - expected).max() <= 1  # the volume is the given one's encoding
+    assert not np.array_equal(fixed.hu, free.hu)
+    assert set(fixed.masks) == set(TINY.diffusion.anatomy_channels)
+
+
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
@@ -76,6 +89,7 @@ def test_fixed_anatomy_masks_come_back(generator):
         (Request("x", seed=1, scheduler="ddim"), "cannot sample a model trained with objective"),
         (Request("x", seed=1, masks={"liver": np.zeros((64, 64, 64))}), "masks.liver: unknown"),
         (Request("x", seed=1, masks={"lungs": np.zeros((32, 32, 32))}), "does not match"),
+        (Request("x", seed=1, image=np.zeros((64, 64, 32))), "image: shape .* does not match"),
     ],
 )
 def test_bad_requests_fail_before_any_work(generator, request_, message):
