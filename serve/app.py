@@ -36,6 +36,7 @@ from serve.schemas import (
     FieldError,
     Job,
     PreviewRequest,
+    SegmentationRequest,
     VolumeRequest,
     published_models,
     resolve,
@@ -176,7 +177,13 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
             allow_origins=list(cfg.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", API_KEY_HEADER],
-            expose_headers=["X-Volume-Id", "X-Seed", "X-Model-Hash", "X-Prompt"],
+            expose_headers=[
+                "X-Volume-Id",
+                "X-Seed",
+                "X-Model-Hash",
+                "X-Prompt",
+                "X-Anatomy-Legend",
+            ],
         )
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
     seconds = [5.0]  # recent generation time, for Retry-After
@@ -192,7 +199,9 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
             given is not None and hmac.compare_digest(given.encode(), api_key.encode())
         )
 
-    async def run(body: PreviewRequest, output: str, given: str | None) -> Response:
+    async def run(
+        body: PreviewRequest | SegmentationRequest, output: str, given: str | None
+    ) -> Response:
         if not authorised(given):
             return unauthorised()
         try:
@@ -223,6 +232,24 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
 
     async def previews(body: PreviewRequest, key: str | None = Security(key_header)) -> Response:
         return await run(body, "png", key)
+
+    @app.post(
+        "/v1/segmentations",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the anatomy sampled for the given CT: a uint8 label map "
+                "(.nii.gz) on the model grid, its legend in X-Anatomy-Legend",
+                "content": {"application/gzip": {}},
+            },
+            **FILE_RESPONSES,
+        },
+        summary="Segment a CT by generation: its anatomy channels sampled with it held fixed",
+    )
+    async def segmentations(
+        body: SegmentationRequest, key: str | None = Security(key_header)
+    ) -> Response:
+        return await run(body, "segmentation", key)
 
     # The published bodies carry this server's limits (annotations are strings here).
     volumes.__annotations__["body"] = volume_body

@@ -23,8 +23,15 @@ MEDIA_TYPES = {
     "npy": "application/octet-stream",
     "zarr": "application/zip",
     "png": "image/png",
+    "segmentation": "application/gzip",
 }
-SUFFIXES = {"nifti": ".nii.gz", "npy": ".npy", "zarr": ".zarr.zip", "png": ".png"}
+SUFFIXES = {
+    "nifti": ".nii.gz",
+    "npy": ".npy",
+    "zarr": ".zarr.zip",
+    "png": ".png",
+    "segmentation": ".anatomy.nii.gz",
+}
 PREVIEW_PX = 192  # longest side of each plane in the preview
 
 

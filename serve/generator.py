@@ -10,6 +10,7 @@ batches in flight: one samples while the one before it is encoded (NIfTI's gzip 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from factory.anatomy import pack_channels
 from factory.data.nifti import nifti_bytes
 from factory.models.checkpoint import CheckpointError
 from factory.models.generator import Generator, RequestError
@@ -87,6 +89,9 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
         body = nifti_bytes(np.asarray(volume.hu, np.int16), volume.affine)
     elif job.output == "npy":
         body = npy_bytes(volume)
+    elif job.output == "segmentation":  # the sampled anatomy, one label map and its legend
+        labels, legend = pack_channels(volume.masks)
+        body = nifti_bytes(labels, volume.affine)
     else:
         body = zarr_zip_bytes(volume, vid, generator.config.hu_window, record)
     headers = {
@@ -102,6 +107,8 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
         "X-Spacing-Mm": ",".join(f"{s:g}" for s in volume.spacing),
         "Content-Disposition": f'attachment; filename="{vid}{SUFFIXES[job.output]}"',
     }
+    if job.output == "segmentation":
+        headers["X-Anatomy-Legend"] = json.dumps({str(k): v for k, v in legend.items()})
     if "negative_prompt" in volume.sampler:  # what guidance steered away from
         headers["X-Negative-Prompt"] = header_text(volume.sampler["negative_prompt"])
     return Result(body=body, media_type=MEDIA_TYPES[job.output], headers=headers)

@@ -91,6 +91,22 @@ class PreviewRequest(BaseModel):
         return self
 
 
+class SegmentationRequest(BaseModel):
+    """A CT to segment: its anatomy channels sampled with its image latents held fixed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(
+        description="base64 of a .npy (optionally gzipped) 3D array of HU on the model grid"
+    )
+    prompt: str = Field("", max_length=100_000, description="text to condition on (optional)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent")
+    steps: int | None = Field(None, ge=1, le=10_000, description="sampler steps")
+    guidance: float | None = Field(None, ge=0, le=1_000, description="classifier-free guidance")
+    scheduler: Literal["ddim", "ddpm", "rectified_flow"] | None = None
+    model: str | None = Field(None, max_length=64, description="a model id from /v1/models")
+
+
 class VolumeRequest(PreviewRequest):
     format: Literal["nifti", "npy", "zarr"] = Field(
         "nifti", description="nifti: .nii.gz int16 HU; npy: int16 HU; zarr: a zip store"
@@ -156,6 +172,28 @@ def findings_prompt(
 def decode_mask(name: str, text: str, max_voxels: int) -> np.ndarray:
     """A base64 .npy (optionally gzipped) 0/1 array; errors name ``masks.NAME``."""
     field = f"masks.{name}"
+    mask = decode_npy(field, text, max_voxels)
+    if mask.ndim != 3 or mask.dtype.kind not in "biu":
+        got = f"{mask.dtype} {mask.shape}"
+        raise FieldError(field, f"expected a 3D 0/1 integer or bool array, got {got}")
+    if not np.isin(mask, (0, 1)).all():
+        raise FieldError(field, "values must be 0 or 1")
+    return mask.astype(bool)
+
+
+def decode_image(text: str, max_voxels: int) -> np.ndarray:
+    """A base64 .npy (optionally gzipped) 3D array of finite HU; errors name ``image``."""
+    image = decode_npy("image", text, max_voxels)
+    if image.ndim != 3 or image.dtype.kind not in "iuf":
+        raise FieldError("image", f"expected a 3D integer or float array, got {image.dtype} "
+                         f"{image.shape}")  # fmt: skip
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise FieldError("image", "values must be finite")
+    return image.astype(np.float32)
+
+
+def decode_npy(field: str, text: str, max_voxels: int) -> np.ndarray:
+    """A base64 .npy, optionally gzipped, of at most ``max_voxels`` values."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -167,15 +205,12 @@ def decode_mask(name: str, text: str, max_voxels: int) -> np.ndarray:
         except (OSError, EOFError):
             raise FieldError(field, "not a valid gzip stream") from None
     try:
-        mask = np.load(io.BytesIO(raw), allow_pickle=False)
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError):
         raise FieldError(field, "not a .npy array (np.save output)") from None
-    if mask.ndim != 3 or mask.size > max_voxels or mask.dtype.kind not in "biu":
-        got = f"{mask.dtype} {mask.shape}"
-        raise FieldError(field, f"expected a 3D 0/1 integer or bool array, got {got}")
-    if not np.isin(mask, (0, 1)).all():
-        raise FieldError(field, "values must be 0 or 1")
-    return mask.astype(bool)
+    if array.size > max_voxels:
+        raise FieldError(field, f"{array.size:,} values; this server takes at most {max_voxels:,}")
+    return array
 
 
 def volume_id(model_hash: str, request: Request) -> str:
@@ -184,11 +219,15 @@ def volume_id(model_hash: str, request: Request) -> str:
     parts = (model_hash, *(getattr(request, name) for name in settings))
     given = request.masks or {}
     masks = {k: hashlib.sha256(np.packbits(v)).hexdigest() for k, v in given.items()}
+    if request.image is not None:
+        masks["image"] = hashlib.sha256(np.ascontiguousarray(request.image).tobytes()).hexdigest()
     key = "\x00".join(str(v) for v in (*parts, sorted(masks.items())))
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def resolve(body: PreviewRequest, cfg: ServeConfig, output: str) -> tuple[str, Request]:
+def resolve(
+    body: PreviewRequest | SegmentationRequest, cfg: ServeConfig, output: str
+) -> tuple[str, Request]:
     """Apply the configured limits and defaults: (model id, generator request)."""
     limits = cfg.limits
     model = body.model or cfg.default_model
@@ -203,6 +242,14 @@ def resolve(body: PreviewRequest, cfg: ServeConfig, output: str) -> tuple[str, R
             "guidance", f"{guidance} exceeds this server's limit of {limits.max_guidance}"
         )
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    if isinstance(body, SegmentationRequest):
+        if len(body.prompt) > limits.max_prompt_chars:
+            n = limits.max_prompt_chars
+            raise FieldError(
+                "prompt", f"{len(body.prompt)} characters; this server takes at most {n}"
+            )
+        image = decode_image(body.image, limits.max_voxels)
+        return model, Request(body.prompt, seed, steps, guidance, body.scheduler, image=image)
     if body.findings is not None:
         prompt = findings_prompt(body.findings, body.age, body.sex, seed)
     else:

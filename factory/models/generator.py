@@ -156,6 +156,10 @@ class Generator:
                     f"request {index}: masks.{name}: shape {tuple(np.shape(mask))} does not match "
                     f"the model grid {tuple(self.config.size)}"
                 )
+        if request.image is not None and not channels:
+            raise RequestError(
+                f"request {index}: image: this model has no anatomy channels to sample for it"
+            )
         if request.image is not None and tuple(np.shape(request.image)) != tuple(self.config.size):
             raise RequestError(
                 f"request {index}: image: shape {tuple(np.shape(request.image))} does not match "

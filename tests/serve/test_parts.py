@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import json
 import threading
 
 import nibabel as nib
@@ -14,6 +15,7 @@ import zarr
 from PIL import Image
 
 import serve.generator
+from factory.anatomy import channels_from_labels
 from factory.models.generator import Generator, Request
 from factory.store.layout import read_volume
 from serve.cli import config_from_args
@@ -23,6 +25,8 @@ from serve.schemas import (
     FieldError,
     Job,
     PreviewRequest,
+    SegmentationRequest,
+    decode_image,
     decode_mask,
     findings_prompt,
     resolve,
@@ -165,6 +169,42 @@ def test_masks_decode_or_name_the_field():
         with pytest.raises(FieldError, match=message) as info:
             decode_mask("lungs", text, 10**6)
         assert info.value.field == "masks.lungs"
+
+
+def test_images_decode_or_name_the_field():
+    hu = np.full((4, 4, 4), -1000, np.int16)
+    assert decode_image(_b64(hu, zipped=True), 10**6).dtype == np.float32
+    bad = [
+        (_b64(np.zeros((4, 4))), "expected a 3D integer or float"),
+        (_b64(np.full((4, 4, 4), np.nan, np.float32)), "must be finite"),
+        (_b64(np.zeros((4, 4, 4), bool)), "expected a 3D integer or float"),
+        (_b64(hu), "64 values; this server takes at most 10"),
+    ]
+    for text, message in bad:
+        with pytest.raises(FieldError, match=message) as info:
+            decode_image(text, 10 if "at most" in message else 10**6)
+        assert info.value.field == "image"
+
+
+def test_a_segmentation_job_returns_the_sampled_anatomy_as_a_label_map(generator):
+    grid = tuple(generator.config.size)
+    hu = np.random.default_rng(0).integers(-1000, 1000, grid).astype(np.int16)
+    body = SegmentationRequest(image=_b64(hu, zipped=True), seed=4, steps=2, model="small")
+    cfg = parse_serve_config({"models": {"small": "builtin:demo"}, "default_model": "small"})
+    model, request = resolve(body, cfg, "segmentation")
+    (result,) = run_batch(generator, model, [Job(model, request, "segmentation")])
+    assert result.status == 200 and result.media_type == "application/gzip"
+    labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(result.body)).dataobj)
+    legend = {int(k): v for k, v in json.loads(result.headers["X-Anatomy-Legend"]).items()}
+    (volume,) = generator.generate([request])
+    masks = channels_from_labels(labels, legend, ("lungs", "heart"))
+    assert np.array_equal(masks[0], volume.masks["lungs"])
+    assert np.array_equal(masks[1], volume.masks["heart"])
+    free = volume_id(generator.model_hash, Request("", seed=4, steps=2))
+    assert result.headers["X-Volume-Id"] != free  # the image is part of the address
+    wrong = Request("", seed=1, steps=2, image=np.zeros((8, 8, 8)))
+    (refused,) = run_batch(generator, model, [Job(model, wrong, "segmentation")])
+    assert refused.status == 422 and refused.field == "image"
 
 
 def test_run_batch_renders_every_format_and_reports_bad_jobs(generator, tmp_path):

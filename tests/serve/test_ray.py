@@ -199,6 +199,23 @@ def test_findings_masks_zarr_and_preview(http, tmp_path):
     status, headers, png = http.post("/v1/previews", {"prompt": "Cardiomegaly.", "seed": 2})
     assert status == 200 and headers["Content-Type"] == "image/png" and png[:4] == b"\x89PNG"
 
+    # The converse: a CT in, the anatomy sampled for it out (one label map and its legend).
+    ct = np.full(grid, -1000, np.int16)  # air around a body of soft tissue and two lungs
+    ct[4:28, 4:28, 2:30] = 40
+    ct[6:15, 8:24, 4:28] = ct[17:26, 8:24, 4:28] = -850
+    buffer = io.BytesIO()
+    np.save(buffer, ct)  # gzipped: small enough for this server's 64 KiB bodies
+    image = base64.b64encode(gzip.compress(buffer.getvalue())).decode()
+    status, headers, data = http.post("/v1/segmentations", {"image": image, "seed": 1})
+    assert status == 200 and headers["Content-Type"] == "application/gzip", data
+    labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj)
+    legend = json.loads(headers["X-Anatomy-Legend"])
+    assert labels.shape == grid and labels.dtype == np.uint8
+    assert set(np.unique(labels).tolist()) <= {0, *map(int, legend)}
+    assert {"lungs", "heart"} <= set(legend.values())
+    status, _, data = http.post("/v1/segmentations", {"image": "AAAA"})
+    assert status == 422 and json.loads(data)["field"] == "image"
+
 
 BAD = [
     ("malformed JSON", {"raw": b'{"prompt": "x",'}, 422, "body"),
@@ -297,7 +314,7 @@ def test_openapi_fuzzed_with_schemathesis_gives_no_5xx(http, tmp_path):
     generated = re.search(r"(\d+) generated", proc.stdout)
     assert generated and int(generated.group(1)) >= 100, proc.stdout[-4000:]
     assert "failures" not in proc.stdout.lower(), proc.stdout[-4000:]
-    assert re.search(r"Operations:\s+6 selected / 6 total", proc.stdout)
+    assert re.search(r"Operations:\s+7 selected / 7 total", proc.stdout)
 
 
 def test_web_page_in_headless_chromium(http):
