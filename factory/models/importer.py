@@ -9,7 +9,6 @@ mismatch is reported by name, a few of each kind with their counts.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from factory.models.card import ModelCard
-from factory.models.checkpoint import CheckpointError, save_checkpoint
+from factory.models.checkpoint import CheckpointError, _sha256_file, save_checkpoint
 from factory.models.config import ModelConfig
 from factory.models.vae import build_vae
 
@@ -40,14 +39,6 @@ class Source:
     prefix: str
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Source]:
     """The state dict in ``path`` (a torch checkpoint or safetensors), unwrapped and with a
     DataParallel or compile prefix removed; WeightsError naming the file otherwise."""
@@ -66,7 +57,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Source]:
         loaded = _torch_load(path)
     weights, form = _unwrap(path, loaded)
     weights, prefix = _strip_prefix(weights)
-    return weights, Source(path, sha256_of(path), form, prefix)
+    return weights, Source(path, _sha256_file(path), form, prefix)
 
 
 def _torch_load(path: Path) -> object:
@@ -123,9 +114,14 @@ def _few(names: list[str]) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > SHOWN else shown
 
 
-def check_fit(path: Path, weights: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
-    """Refuse weights that are not, key for key and shape for shape, ``config``'s VAE."""
-    expected = build_vae(config.vae).state_dict()
+def check_fit(
+    path: Path,
+    weights: Mapping[str, torch.Tensor],
+    config: ModelConfig,
+    expected: Mapping[str, torch.Tensor],
+) -> None:
+    """Refuse weights that are not, key for key and shape for shape, ``expected`` (the state
+    dict ``config``'s VAE has)."""
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     shapes = [
@@ -165,8 +161,8 @@ def import_vae(
     VAE alone, its card naming the source file, its sha256 and ``license``; returns the
     checkpoint's content hash and what was read."""
     weights, source = read_weights(path)
-    check_fit(source.path, weights, config)
     expected = build_vae(config.vae).state_dict()
+    check_fit(source.path, weights, config, expected)
     weights = {k: v.to(expected[k].dtype).contiguous() for k, v in weights.items()}
     card = ModelCard(
         name=name or Path(out).name,
