@@ -20,7 +20,7 @@ from factory.console import HelpFormatter, report_errors
 # Command modules in the order ``ctfactory --help`` lists them; plug-ins follow, by name.
 COMMAND_MODULES: tuple[str, ...] = (
     "factory.phantom.cli",
-    "factory.cohort.cli",
+    "factory.plan",
     "factory.generate",
     "factory.store.cli",
     "factory.evaluate.cli",

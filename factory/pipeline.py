@@ -8,25 +8,27 @@ through the object store or the driver: actors write them and return small rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from factory import yamldoc
 from factory.errors import CtFactoryError
 from factory.raycluster import IN_FLIGHT, NODE_WAIT_S, node_text, this_node
 from factory.refs import ref_options
 from factory.schema import RECORD_KEYS, RESULT_SCHEMA, RunSettings
 from factory.seeds import attempt_seed
-from factory.store.cohort import CohortStore, now
+from factory.store.cohort import CohortStore, check_output_url, now
 from factory.store.fs import StoreError
 from factory.store.layout import FORMAT, encode_volume, intensity_stats
+from factory.store.lease import Lease
 
 MANIFEST_FLUSH_ROWS = 1000  # the driver appends a manifest part every this many volumes...
 MANIFEST_FLUSH_S = 30.0  # ... or this many seconds, whichever comes first
@@ -55,6 +57,12 @@ class Run:
     recovered: int  # committed volumes whose lost manifest rows were restored
     done_before: int
     text_tokens: int  # the model's text.max_tokens, for the end-of-run warning on cut prompts
+    lease: Lease | None = None  # the cohort's write lease, held from prepare_run to the end
+
+    def release(self) -> None:
+        """Give the cohort's write lease back (generate_cohort does, when it ends)."""
+        if self.lease is not None:
+            self.lease.release()
 
 
 @dataclass
@@ -176,9 +184,11 @@ def prepare_run(
     from factory.cohort.spec import load_spec
     from factory.models.checkpoint import load_checkpoint
     from factory.models.sampling import sampling_settings
+    from factory.preflight import check_references
 
     spec = load_spec(spec_path)
-    spec_text = Path(spec_path).read_text()
+    check_references(spec, out)
+    spec_text = yamldoc.read_text(spec_path)
     url = out or spec.output
     storage_options = dict(storage_options or {})
     options = ref_options(spec.model, storage_options)
@@ -192,8 +202,16 @@ def prepare_run(
         classifier = load_checkpoint(ref, storage_options=ref_options(ref, storage_options))
     settings = run_settings(spec, plan, checkpoint, sampler, classifier)
     store = CohortStore(url, storage_options)
-    state = store.prepare(settings, spec_text, plan, overwrite)
-    recovered, done = store.recover() if state == "resumed" else (0, set())
+    check_output_url(url)
+    lease = store.lease()
+    lease.acquire()  # one run at a time: a second one refuses here, naming the first
+    lease.keep_alive()
+    try:
+        state = store.prepare(settings, spec_text, plan, overwrite)
+        recovered, done = store.recover() if state == "resumed" else (0, set())
+    except BaseException:
+        lease.release()
+        raise
     table = pa.Table.from_batches(list(plan.batches()))
     if done:
         keep = pc.invert(pc.is_in(table.column("volume_id"), pa.array(sorted(done))))
@@ -201,7 +219,9 @@ def prepare_run(
     if limit is not None:
         table = table.slice(0, limit)
     tokens = checkpoint.config.text.max_tokens
-    return Run(url, storage_options, settings, plan, table, state, recovered, len(done), tokens)
+    return Run(
+        url, storage_options, settings, plan, table, state, recovered, len(done), tokens, lease
+    )
 
 
 def load_actor_generator(ref: str, storage_options: dict | None = None):
@@ -283,7 +303,11 @@ class VolumeWriter:
         out: list[dict] = []
         todo = []
         for row in rows:
-            committed = self.store.read_marker(row["volume_id"])
+            try:
+                committed = self.store.read_marker(row["volume_id"])
+            except StoreError as exc:  # retries are spent: the driver stops the run
+                out.append({**row, "status": "failed", "error": str(exc)})
+                continue
             if committed is not None:  # a retried task: committed already, never twice
                 out.append({**committed, "status": "skipped"})
             else:
@@ -494,7 +518,27 @@ def generate_cohort(
 
     Each actor holds at most ``in_flight`` batches (one sampling, the others being written):
     ``in_flight * batch_size`` volumes of memory. 1 samples and writes in turn.
+
+    The run's write lease is checked at every batch and given back at the end, however the
+    run ends; a volume gets one manifest row, however often a retried task reports it.
     """
+    try:
+        return _generate(run, workers, gpus_per_worker, batch_size, loader, progress,
+                         node_wait_s, in_flight)  # fmt: skip
+    finally:
+        run.release()
+
+
+def _generate(
+    run: Run,
+    workers: int | tuple[int, int],
+    gpus_per_worker: float | None,
+    batch_size: int,
+    loader: Callable,
+    progress: Callable[[list[dict]], None] | None,
+    node_wait_s: float,
+    in_flight: int,
+) -> Totals:
     import ray
 
     from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray
@@ -537,22 +581,38 @@ def generate_cohort(
     pending: list[dict] = []
     last = time.monotonic()
     need = {"GPU": gpus} if gpus else {"CPU": float(threads or 1)}
-    check = capacity_check(need, node_wait_s, lambda: run.done_before + totals.written)
+    capacity = capacity_check(need, node_wait_s, lambda: run.done_before + totals.written)
+
+    def check() -> None:
+        if run.lease is not None:
+            run.lease.check()
+        capacity()
+
+    listed: set[str] = set()  # volumes given a manifest row by this run
     try:
         batches = results.iter_batches(batch_size=None, batch_format="pyarrow")
         for batch in watched(batches, check):
+            if run.lease is not None:
+                run.lease.check()
             rows = batch.to_pylist()
             totals.add(rows)
             failed = [r for r in rows if r["status"] == "failed"]
-            pending += [r for r in rows if r["status"] != "failed"]
+            fresh = [r for r in rows if r["status"] != "failed" and r["volume_id"] not in listed]
+            listed.update(r["volume_id"] for r in fresh)
+            pending += fresh
             if failed:
                 raise GenerationError(failed[0]["error"])
             if progress is not None:
                 progress(rows)
             if len(pending) >= MANIFEST_FLUSH_ROWS or time.monotonic() - last >= MANIFEST_FLUSH_S:
-                totals.manifest_parts += bool(store.write_manifest(pending))
-                pending, last = [], time.monotonic()
-    finally:  # also when the run fails: what was committed reaches the manifest
-        totals.manifest_parts += bool(store.write_manifest(pending))
+                flushing, pending, last = pending, [], time.monotonic()
+                totals.manifest_parts += bool(store.write_manifest(flushing))
+    except BaseException:
+        # What was committed reaches the manifest, in one try: the run is failing, perhaps for
+        # the store itself, and the markers hold these rows for the next run to recover.
+        with contextlib.suppress(StoreError):
+            totals.manifest_parts += bool(store.write_manifest(pending, delays=()))
+        raise
+    totals.manifest_parts += bool(store.write_manifest(pending))
     totals.wall_s = time.perf_counter() - start
     return totals

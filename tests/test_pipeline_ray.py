@@ -1,5 +1,6 @@
 """The factory on a real local Ray cluster: CLI end to end, one vs two actors, S3 (moto) with an
-outage, a killed driver, a crashing actor and a persistent write failure."""
+outage, a killed driver, two runs into one cohort, a crashing actor and a persistent write
+failure."""
 
 from __future__ import annotations
 
@@ -201,6 +202,37 @@ def test_killed_driver_then_rerun_commits_every_volume_once(cluster, model, tmp_
     run, totals = generate(spec, batch_size=2)
     assert run.state == "resumed" and run.done_before >= committed - 2
     assert totals.written <= 10 - run.done_before
+    assert_complete(str(out))
+
+
+def test_two_runs_into_one_cohort_at_once_one_writes_and_each_volume_has_one_row(
+    cluster, model, tmp_path
+):
+    """Two ``generate`` processes started together into one new output: one takes the write
+    lease, the other refuses at once naming it; any Parquet reader of manifest/ then sees one
+    row per committed volume."""
+    import pyarrow.dataset
+
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "spec.yaml", model, n=4, output=str(out))
+    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONUNBUFFERED": "1"}
+    command = [*ctfactory_bin(), "generate", str(spec), "--batch-size", "1"]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=ROOT)
+        for _ in range(2)
+    ]  # fmt: skip
+    ended = {p.pid: (p.wait(), *p.communicate()) for p in procs}
+    codes = sorted(code for code, _, _ in ended.values())
+    assert codes == [0, 2], ended
+    (winner,) = [pid for pid, (code, _, _) in ended.items() if code == 0]
+    (refused,) = [err for code, _, err in ended.values() if code == 2]
+    assert refused.strip().count("\n") == 0 and "Traceback" not in refused
+    assert "another run is writing this cohort" in refused
+    assert f"process {winner}, started " in refused, refused
+    rows = pyarrow.dataset.dataset(out / "manifest", format="parquet").to_table()
+    ids = rows.column("volume_id").to_pylist()
+    assert sorted(ids) == sorted(open_cohort(str(out)).plan_ids())  # once each
     assert_complete(str(out))
 
 

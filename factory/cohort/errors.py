@@ -17,7 +17,7 @@ def format_path(path: Path) -> str:
 
 
 class SpecError(CtFactoryError):
-    """A spec that cannot be planned: where (file:line), the key path, and what is valid.
+    """A spec that cannot be planned: where (file:line:column), the key path, and what is valid.
 
     Not a ValueError on purpose: raised inside pydantic validators, it passes through intact.
     """

@@ -110,7 +110,7 @@ def read_labels_csv(location: str) -> tuple[np.ndarray, np.ndarray | None, np.nd
     try:
         with fsspec.open(location, "rt", encoding="utf-8") as f:
             frame = pd.read_csv(f)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
+    except Exception as exc:  # OSError, a parser's error, or a store's (no credentials, say)
         raise ValueError(f"cannot read {location}: {' '.join(str(exc).split())}") from None
     missing = [c for c in vocab.COLUMNS if c not in frame.columns]
     if missing:
@@ -158,7 +158,7 @@ def load_reference(spec: CohortSpec) -> Reference:
     try:
         fs, inner = fsspec.core.url_to_fs(location)
         found = fs.exists(inner)
-    except (OSError, ValueError, ImportError) as exc:
+    except Exception as exc:  # OSError, ImportError, or a store's (no credentials, say)
         raise spec.error(("model",), f"cannot reach {location}: {exc}") from None
     if not found:
         raise spec.error(

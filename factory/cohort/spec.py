@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from factory import yamldoc
 from factory.cohort.errors import SpecError
 from factory.cohort.resolve import resolve
 from factory.cohort.spec_schema import CohortSpec
@@ -34,12 +35,14 @@ def parse_spec(text: str, name: str = "<spec>", folder: str = ".") -> CohortSpec
 
 
 def load_spec(path: str | Path) -> CohortSpec:
-    """Read and validate a cohort spec file; raises SpecError (file:line: key: message)."""
+    """Read and validate a cohort spec file; raises SpecError (file:line:column: key: message)."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = yamldoc.read_text(file)
     except FileNotFoundError:
         raise SpecError((), "no such file; expected a YAML cohort spec", str(path)) from None
+    except yamldoc.YamlError as exc:
+        raise SpecError((), exc.message, str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError((), f"cannot read it: {exc}", str(path)) from None
     return parse_spec(text, str(path), str(file.parent))

@@ -1,5 +1,6 @@
-"""Where a cohort spec came from: its YAML read with the line of every key path, and pydantic's
-errors turned into :class:`SpecError` naming the file, line, key and what is valid."""
+"""Where a cohort spec came from: its YAML read (bounded, see factory.yamldoc) with the line
+and column of every key path, and pydantic's errors turned into :class:`SpecError` naming the
+file, line, column, key and what is valid."""
 
 from __future__ import annotations
 
@@ -10,50 +11,45 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from factory import yamldoc
 from factory.cohort.errors import Path, SpecError
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where a spec came from: its file name, folder and the line of every key path."""
+    """Where a spec came from: its file name, folder and the (line, column) of every key path."""
 
     name: str
     folder: str
-    lines: Mapping[tuple[str, ...], int]
+    marks: Mapping[yamldoc.KeyPath, tuple[int, int]]
 
     def where(self, path: Path) -> str:
-        """``file:line`` of the deepest part of ``path`` that the file spells out."""
-        parts = tuple(str(p) for p in path)
+        """``file:line:column`` of the deepest part of ``path`` that the file spells out."""
+        parts = tuple(p if isinstance(p, int) else str(p) for p in path)
         for k in range(len(parts), -1, -1):
-            line = self.lines.get(parts[:k])
-            if line is not None:
-                return f"{self.name}:{line}"
+            mark = self.marks.get(parts[:k])
+            if mark is not None:
+                return f"{self.name}:{mark[0]}:{mark[1]}"
         return self.name
 
 
 def read_yaml(text: str, name: str, folder: str) -> tuple[dict, Source]:
-    """The spec's data and its :class:`Source`; a YAML problem or a top level that is not a
-    mapping is a SpecError at its line."""
+    """The spec's data and its :class:`Source`, read by the bounded parser (size limit, no
+    aliases, one parse); a YAML problem or a top level that is not a mapping is a SpecError at
+    its line and column."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        raise SpecError((), f"not valid YAML: {problem}", f"{name}:{line}") from None
-    if node is None or not isinstance(data, dict):
+        document = yamldoc.parse(text)
+    except yamldoc.YamlError as exc:
+        raise SpecError(exc.path, exc.message, exc.where(name)) from None
+    if not isinstance(document.data, dict):
         raise SpecError(
             (),
             "the spec must be a YAML mapping with schema_version, cohort, model, output, ...",
-            f"{name}:1",
+            f"{name}:1:1",
         )
-    lines: dict[tuple[str, ...], int] = {}
-    _line_map(node, (), lines, name)
-    return data, Source(name, folder, lines)
+    return document.data, Source(name, folder, document.marks)
 
 
 def validated(model: type[BaseModel], data: Any, prefix: Path = ()) -> Any:
@@ -62,25 +58,6 @@ def validated(model: type[BaseModel], data: Any, prefix: Path = ()) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, prefix, model) from None
-
-
-def _line_map(node: yaml.Node, path: tuple[str, ...], lines: dict, name: str) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = (*path, str(key_node.value))
-            if key in lines and key_node.value != "<<":
-                raise SpecError(
-                    key,
-                    f"duplicate key (first at line {lines[key]})",
-                    f"{name}:{key_node.start_mark.line + 1}",
-                )
-            lines[key] = key_node.start_mark.line + 1
-            _line_map(value_node, key, lines, name)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[(*path, str(i))] = item.start_mark.line + 1
-            _line_map(item, (*path, str(i)), lines, name)
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -112,12 +89,14 @@ def _keys_at(model: type[BaseModel], loc: Path) -> list[str]:
 
 def validation_error(exc: ValidationError, prefix: Path, model: type[BaseModel]) -> SpecError:
     """The first pydantic error as a SpecError: key path, offending value, what is valid."""
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    err = _misspelt_required(errors) or errors[0]
     loc = tuple(err["loc"])
     if err["type"] == "extra_forbidden":
         valid = _keys_at(model, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ";"
+        required = close and (*loc[:-1], close[0]) in _missing(errors)
+        hint = f"; did you mean {close[0]!r}{' (required)' if required else ''}?" if close else ";"
         return SpecError((*prefix, *loc), f"unknown key{hint} valid keys here: {', '.join(valid)}")
     if err["type"] == "missing":
         return SpecError((*prefix, *loc), "is required but missing")
@@ -131,3 +110,21 @@ def validation_error(exc: ValidationError, prefix: Path, model: type[BaseModel])
     shown = repr(err.get("input"))
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return SpecError((*prefix, *loc), f"{shown} is not valid; {message}")
+
+
+def _missing(errors: list[dict]) -> set[tuple]:
+    return {tuple(e["loc"]) for e in errors if e["type"] == "missing"}
+
+
+def _misspelt_required(errors: list[dict]) -> dict | None:
+    """An unknown key that is close to a required key missing beside it: reported in its place,
+    since "did you mean" says more than "missing" (``cohrot`` for ``cohort``)."""
+    missing = _missing(errors)
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] != "extra_forbidden" or not loc:
+            continue
+        beside = [str(m[-1]) for m in missing if m[:-1] == loc[:-1]]
+        if difflib.get_close_matches(str(loc[-1]), beside, n=1):
+            return err
+    return None

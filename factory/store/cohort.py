@@ -9,6 +9,7 @@ Layout under the cohort URL::
     volumes/{id}/          one Zarr group per volume (see layout.py)
     committed/{id}.json    the completion marker, created once, holding the volume's manifest row
     manifest/part-*.parquet  the index: one row per committed volume, written in parts
+    lease/{generation}.json  the write lease of the run writing the cohort (factory.store.lease)
 
 Commit protocol: arrays, then the marker (created only if absent), then the manifest row.
 Readers trust only committed volumes (marker and manifest row); a marker whose manifest row was
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from factory import vocab
-from factory.refs import is_local
+from factory.refs import RefError, is_local, parse_url
 from factory.schema import MANIFEST_SCHEMA, RunSettings, SchemaError
 from factory.store.fs import (
     StoreError,
@@ -40,6 +41,7 @@ from factory.store.fs import (
     put_objects,
     read_whole,
     retrying,
+    write_whole,
     zarr_store,
 )
 from factory.store.layout import (
@@ -49,6 +51,7 @@ from factory.store.layout import (
     check_volume,
     read_volume,
 )
+from factory.store.lease import LEASES, Lease
 
 SPEC_FILE = "spec.yaml"
 PLAN_FILE = "plan.parquet"
@@ -57,6 +60,27 @@ COMMITTED = "committed"
 MANIFEST = "manifest"
 REPORT = "report"
 FINDING_COLUMNS = list(vocab.COLUMNS)
+
+
+# Where the commit protocol's one atomic step, a marker created only if absent, is proven (by
+# the tests: local disk, and S3 through moto's server): a cohort is written only there.
+COMMIT_PROTOCOLS = ("file", "s3", "s3a")
+
+
+def check_output_url(url: str) -> None:
+    """Refuse an output whose store the commit protocol is not proven on (reading any
+    fsspec store works), naming the protocols that are."""
+    try:
+        parsed = parse_url(url)
+    except RefError as exc:
+        raise StoreError(str(exc)) from None
+    protocol = "file" if parsed is None else parsed[0]
+    if protocol not in COMMIT_PROTOCOLS:
+        raise StoreError(
+            f"{url}: cannot write a cohort on {protocol}://: its commit (a completion marker "
+            "created only if absent) is proven on local paths, file:// and s3:// (s3a://); "
+            "write there, then copy the finished cohort"
+        )
 
 
 class CohortExistsError(StoreError):
@@ -142,10 +166,11 @@ class CohortStore:
         Returns "created", "resumed" or "overwritten". A different spec, model or sampler in
         the same output is refused (naming what differs) unless ``overwrite``.
         """
+        check_output_url(self.url)
         state = "created"
         if self.exists() and "ct_factory" not in self.root().attrs:
             pass  # a root whose creation was interrupted: nothing was generated, create again
-        elif self.exists() or (self.fs.exists(self.path) and self.fs.ls(self.path)):
+        elif self.exists() or self._entries():
             if not self.exists():
                 if not overwrite:
                     raise CohortExistsError(
@@ -162,10 +187,13 @@ class CohortStore:
                         f"{self.url}: holds another cohort ({what}); re-run the same spec to "
                         "resume it, choose another output, or pass --overwrite to replace it"
                     )
-            retrying(f"{self.url}: removing the old cohort", lambda: self.fs.rm(self.path, True))
+            retrying(
+                f"{self.url}: removing the old cohort",
+                lambda: self.fs.rm(self._entries(), recursive=True),
+            )
             self._root = None
             state = "overwritten"
-        root = retrying(f"{self.url}: creating the cohort root", lambda: self.root("w"))
+        root = retrying(f"{self.url}: creating the cohort root", lambda: self.root("a"))
         retrying(f"{self.url}/{VOLUMES}", lambda: root.require_group(VOLUMES))
         self.put(SPEC_FILE, spec_text.encode())
         retrying(
@@ -182,19 +210,25 @@ class CohortStore:
         )
         return state
 
+    def _entries(self) -> list[str]:
+        """What the root folder holds, less the write lease (which outlives an overwrite)."""
+        try:
+            listing = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        return [p for p in listing if p.rstrip("/").rsplit("/", 1)[-1] != LEASES]
+
+    def lease(self) -> Lease:
+        """The cohort's write lease (see factory.store.lease), not yet taken."""
+        return Lease(self.fs, self.path, self.url)
+
     def _url(self, name: str) -> str:
         return f"{self.url}/{name}"
 
-    def put(self, name: str, data: bytes) -> None:
-        """Write a file under the cohort root whole (local: aside, then renamed)."""
+    def put(self, name: str, data: bytes, delays: tuple[float, ...] | None = None) -> None:
+        """Write a file under the cohort root whole (see :func:`write_whole`), with retries."""
         path = self._p(name)
-        if is_local(self.url):
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-        else:
-            retrying(f"{self.url}/{name}", lambda: self.fs.pipe_file(path, data))
+        retrying(f"{self.url}/{name}", lambda: write_whole(self.fs, path, data), delays)
 
     def get(self, name: str) -> bytes | None:
         """A file under the cohort root (as :meth:`put` wrote it), or None if there is none."""
@@ -210,7 +244,7 @@ class CohortStore:
     def write_volume(self, volume_id: str, encoded: EncodedVolume) -> None:
         """Put a volume's objects (replacing those of an earlier, uncommitted attempt)."""
         retrying(
-            f"volume {volume_id}: writing its arrays",
+            f"{self.url}: volume {volume_id}: writing its arrays",
             lambda: put_objects(self.fs, self.volume_path(volume_id), encoded.objects),
         )
 
@@ -222,16 +256,21 @@ class CohortStore:
         data = json.dumps(dict(row), separators=(",", ":")).encode()
         path = self.marker_path(row["volume_id"])
         return retrying(
-            f"volume {row['volume_id']}: writing its completion marker",
+            f"{self.url}: volume {row['volume_id']}: writing its completion marker",
             lambda: create_exclusive(self.fs, path, data),
         )
 
     def read_marker(self, volume_id: str) -> dict | None:
-        """The manifest row held by a volume's marker, or None if absent or unreadable."""
-        try:
-            return json.loads(read_whole(self.fs, self.marker_path(volume_id)))
-        except (FileNotFoundError, ValueError):
-            return None
+        """The manifest row held by a volume's marker, or None if absent or unreadable; an
+        unreachable store is retried, then a StoreError naming the volume."""
+
+        def read() -> dict | None:
+            try:
+                return json.loads(read_whole(self.fs, self.marker_path(volume_id)))
+            except (FileNotFoundError, ValueError):
+                return None
+
+        return retrying(f"{self.url}: volume {volume_id}: reading its completion marker", read)
 
     def committed_ids(self) -> set[str]:
         """Volumes with a completion marker (one listing)."""
@@ -241,8 +280,11 @@ class CohortStore:
             return set()
         return {n.rsplit("/", 1)[-1].removesuffix(".json") for n in names if n.endswith(".json")}
 
-    def write_manifest(self, rows: Iterable[Mapping]) -> int:
-        """Append one manifest part with ``rows``; returns how many rows it holds."""
+    def write_manifest(
+        self, rows: Iterable[Mapping], delays: tuple[float, ...] | None = None
+    ) -> int:
+        """Append one manifest part with ``rows`` (retried on ``delays``, default the store's
+        schedule); returns how many rows it holds."""
         rows = list(rows)
         if not rows:
             return 0
@@ -251,7 +293,7 @@ class CohortStore:
         pq.write_table(table, buffer, compression="zstd")
         first = min(int(r["index"]) for r in rows)
         name = f"{MANIFEST}/part-{first:09d}-{uuid.uuid4().hex[:8]}.parquet"
-        self.put(name, buffer.getvalue())
+        self.put(name, buffer.getvalue(), delays)
         return len(rows)
 
     def recover(self) -> tuple[int, set[str]]:

@@ -8,6 +8,7 @@ that persists raises :class:`StoreError` naming what was being written and the l
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 import uuid
@@ -69,6 +70,19 @@ def put_objects(fs: fsspec.AbstractFileSystem, root: str, objects: dict[str, byt
         fs.pipe(paths)
 
 
+def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old bytes or the new, never a
+    part: local files are written aside and renamed; an object store's PUT is whole."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
 def read_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """A whole object in one GET (FileNotFoundError if there is none): asked as the byte
     range from 0, since s3fs asks an object's size first otherwise (a HEAD, and for a key
@@ -99,12 +113,17 @@ def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = 
     return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
 
 
+# A full disk or quota, a file over the size limit, a read-only store: waiting does not mend
+# these, so a write fails at once instead of spending its retries.
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
 def retrying(what: str, fn: Callable[[], T], delays: tuple[float, ...] | None = None) -> T:
     """``fn()``, retried after transient failures on the ``delays`` schedule (default
     :func:`retry_delays`), each retry once the failed attempt's IO has settled.
 
-    Errors that retrying cannot mend (a file that exists, bad values) fail at once; every
-    failure is raised as a StoreError naming ``what``.
+    Errors that retrying cannot mend (a file that exists, bad values, a full disk) fail at
+    once; every failure is raised as a StoreError naming ``what``.
     """
     delays = retry_delays() if delays is None else delays
     for attempt in range(len(delays) + 1):
@@ -113,6 +132,12 @@ def retrying(what: str, fn: Callable[[], T], delays: tuple[float, ...] | None = 
         except (FileExistsError, ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"{what}: failed: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in FULL:
+                raise StoreError(
+                    f"{what}: failed: {os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}); "
+                    "make room on the store (or make it writable), then re-run: committed "
+                    "volumes are kept"
+                ) from exc
             if attempt == len(delays):
                 raise StoreError(
                     f"{what}: failed after {attempt + 1} attempts: {type(exc).__name__}: {exc}"

@@ -37,7 +37,7 @@ def test_bad_spec_exits_2_with_one_line_and_no_traceback(tmp_path, run_cli):
     assert len(lines) == 1 and "Traceback" not in done.stderr
     line = 1 + text.splitlines().index("  Pleural effusion: {prevalence: 2.5}")
     assert lines[0].startswith(
-        f"ctfactory plan: error: {spec}:{line}: labels.Pleural effusion.prevalence: "
+        f"ctfactory plan: error: {spec}:{line}:22: labels.Pleural effusion.prevalence: "
     )
 
 
@@ -87,3 +87,58 @@ def test_help_shows_examples(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--help"])
     assert "ctfactory plan cohorts/demo.yaml" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "fragment"),
+    [
+        (
+            ("model: builtin:demo", "model: builtin:dem"),
+            "model",
+            "builtin:dem: no such builtin model; available: builtin:demo, builtin:demo-classifier",
+        ),
+        (("model: builtin:demo", "model: {empty}"), "model", "{empty}: missing config.yaml"),
+        (
+            ("sampler: {steps: 20", "sampler: {scheduler: ddim, steps: 20"),
+            "sampler.scheduler",
+            "scheduler 'ddim' cannot sample a model trained with objective 'rflow'; valid: "
+            "rectified_flow",
+        ),
+        (
+            ("output: demo-out/cohort", "output: memory://cohorts/demo"),
+            "output",
+            "cannot write a cohort on memory://: its commit (a completion marker created only if "
+            "absent) is proven on local paths, file:// and s3://",
+        ),
+    ],
+)
+def test_plan_checks_the_model_sampler_and_output_before_planning(
+    change, key, fragment, tmp_path, capsys
+):
+    (tmp_path / "empty").mkdir()
+    old, new = change
+    text = (COHORTS / "demo.yaml").read_text()
+    assert old in text
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text.replace(old, new.replace("{empty}", str(tmp_path / "empty"))))
+    line = 1 + next(i for i, t in enumerate(spec.read_text().splitlines()) if t.startswith(key[:6]))
+    assert main(["plan", str(spec)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    message = printed.err.strip()
+    assert message.startswith(f"ctfactory plan: error: {spec}:{line}:"), message
+    assert f": {key}: " in message and "\n" not in message, message
+    assert fragment.replace("{empty}", str(tmp_path / "empty")) in message, message
+
+
+def test_plan_says_what_it_did_not_check_of_a_remote_model(tmp_path, capsys):
+    text = (COHORTS / "demo.yaml").read_text().replace("model: builtin:demo", "model: s3://b/m")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text.replace("reference: model", "reference: phantom"))
+    assert main(["plan", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "model s3://b/m: not checked here (a remote model: generate downloads it" in out
+    assert main(["plan", "cohorts/demo.yaml"]) == 0
+    assert "model builtin:demo: files, config and weights headers checked; samples with " in (
+        capsys.readouterr().out
+    )

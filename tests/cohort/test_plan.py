@@ -80,7 +80,7 @@ def plan_error(spec: CohortSpec, *path: str | int) -> str:
         make_plan(spec)
     message = str(caught.value)
     assert message.startswith(f"{spec.source.where(path)}: {format_path(path)}: "), message
-    assert re.match(r"spec\.yaml:\d+: ", message), message
+    assert re.match(r"spec\.yaml:\d+:\d+: ", message), message
     return message
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -278,7 +279,7 @@ BAD = [
         "  Pleural effusion: {}\n  Lung nodule:",
         10,
         "labels.Pleural effusion",
-        "duplicate key (first at line 6)",
+        "duplicate key (first at line 6, column 3)",
     ),
 ]
 
@@ -289,7 +290,7 @@ BAD = [
 def test_bad_input_names_file_line_and_key(case, old, new, line, path, fragment):
     assert old in BASE, case
     message = spec_error(BASE.replace(old, new, 1))
-    assert message.startswith(f"spec.yaml:{line}: {path}: "), message
+    assert re.match(rf"spec\.yaml:{line}:\d+: {re.escape(path)}: ", message), message
     assert fragment in message, message
 
 
@@ -334,17 +335,18 @@ def test_bad_input_names_file_line_and_key(case, old, new, line, path, fragment)
 )
 def test_bad_demographics(demographics, line, path, fragment):
     message = spec_error(BASE + f"demographics: {demographics}\n")
-    assert message.startswith(f"spec.yaml:{line}: {path}: "), message
+    assert re.match(rf"spec\.yaml:{line}:\d+: {re.escape(path)}: ", message), message
     assert fragment in message, message
 
 
-def test_unparsable_yaml_names_the_line():
+def test_unparsable_yaml_names_the_line_column_and_where_the_bracket_opened():
     message = spec_error(BASE.replace("seed: 1}", "seed: 1"))
-    assert message.startswith("spec.yaml:3: not valid YAML:"), message
+    assert message.startswith("spec.yaml:3:6: not valid YAML: did not find expected ',' or '}'")
+    assert message.endswith("(while parsing a flow mapping, begun at line 2, column 9)"), message
 
 
 def test_spec_that_is_not_a_mapping():
-    assert spec_error("- 1\n- 2\n").startswith("spec.yaml:1: the spec must be a YAML mapping")
+    assert spec_error("- 1\n- 2\n").startswith("spec.yaml:1:1: the spec must be a YAML mapping")
 
 
 def test_missing_file_is_a_spec_error(tmp_path):
@@ -355,7 +357,7 @@ def test_missing_file_is_a_spec_error(tmp_path):
 def test_follow_reference_needs_a_reference_with_demographics():
     text = BASE + "reference: independent\ndemographics: {follow_reference: true}\n"
     message = spec_error(text)
-    assert message.startswith("spec.yaml:18: demographics.follow_reference: "), message
+    assert message.startswith("spec.yaml:18:16: demographics.follow_reference: "), message
 
 
 def test_numeric_attribute_bounds_come_from_the_vocabulary():
@@ -435,7 +437,7 @@ def test_prevalence_accepted_exactly_within_unit_interval(p):
         assert spec.resolved.targets["emphysema"].count == int(p * 100 + 0.5)
     else:
         message = spec_error(text)
-        assert message.startswith("spec.yaml:12: labels.Emphysema.prevalence: ")
+        assert re.match(r"spec\.yaml:12:\d+: labels\.Emphysema\.prevalence: ", message)
 
 
 @settings(max_examples=30, deadline=None)
@@ -450,3 +452,53 @@ def test_every_name_and_alias_resolves(pair):
     text = BASE.replace("Lung nodule:", f"'{name}':") if fid != "pleural_effusion" else BASE
     spec = parse_spec(text)
     assert fid in spec.resolved.targets
+
+
+def test_a_spec_over_the_size_limit_is_refused_before_it_is_read_whole(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text(BASE + "# " + "x" * (300 << 10) + "\n")
+    with pytest.raises(SpecError, match=r"big\.yaml: too large: over the limit of 262,144 bytes"):
+        load_spec(big)
+    with pytest.raises(SpecError, match="too large: over the limit"):
+        load_spec("/dev/zero")  # never ends: read no further than the limit
+    with pytest.raises(SpecError, match=r"^spec\.yaml: too large: 300,0\d\d bytes; the limit"):
+        parse_spec(BASE + "#" * (300_000 - len(BASE)) + "\n", "spec.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "fragment"),
+    [
+        (  # a billion nodes once expanded: refused at the first alias, nothing expanded
+            'a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]\n'
+            + "".join(
+                f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n"
+                for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+            ),
+            "spec.yaml:2:1: b[0]: ",
+            "an alias (*name) of the value at line 1, column 4",
+        ),
+        ("a: &a [1, *a]\n", "spec.yaml:1:1: a[1]: ", "an alias"),  # recursive
+        ("base: &b {n: 1}\ncohort:\n  <<: *b\n", "spec.yaml:3:3: cohort.<<: ", "merge keys"),
+        ("name: &n demo\nother: *n\n", "spec.yaml:2:1: other: ", "an alias"),
+    ],
+)
+def test_anchors_and_aliases_are_refused_where_they_are_used(text, where, fragment):
+    message = spec_error(text)
+    assert message.startswith(where) and fragment in message, message
+
+
+def test_an_unclosed_quote_names_where_it_began():
+    message = spec_error(BASE.replace("model: builtin:demo", 'model: "builtin:demo'))
+    assert message.startswith("spec.yaml:"), message
+    assert "found unexpected end of stream" in message
+    assert message.endswith("(while scanning a quoted scalar, begun at line 3, column 8)")
+
+
+def test_a_misspelt_required_key_is_named_with_did_you_mean_not_as_missing():
+    message = spec_error(BASE.replace("cohort:", "cohrot:"))
+    assert message.startswith("spec.yaml:2:1: cohrot: unknown key; did you mean 'cohort' "), message
+    assert "(required)?" in message and "missing" not in message
+    # a key that is simply absent is still reported as missing
+    assert spec_error(BASE.replace("model: builtin:demo\n", "")).endswith(
+        "model: is required but missing"
+    )

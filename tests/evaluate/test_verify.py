@@ -142,5 +142,6 @@ def test_verification_settings_are_checked_before_generating(model, tmp_path):
         prepare_run(str(_spec(tmp_path, model, tmp_path / "emph")))
     with pytest.raises(SpecError, match=r"verify\.classifier.*has no classifier network"):
         prepare_run(str(_spec(tmp_path, model, model)))
-    with pytest.raises(SpecError, match=r"spec.yaml:\d+: verify\.findings\[0\]: unknown finding"):
+    unknown = r"spec.yaml:\d+:\d+: verify\.findings\[0\]: unknown finding"
+    with pytest.raises(SpecError, match=unknown):
         prepare_run(str(_spec(tmp_path, model, model, findings=["effusionn x"])))

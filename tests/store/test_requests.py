@@ -25,7 +25,7 @@ def counted(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("requests")
     server = CountingServer()
-    s3fs.S3FileSystem(**server.options, skip_instance_cache=True).makedirs("cohorts")
+    s3fs.S3FileSystem(**server.options, skip_instance_cache=True).makedirs("cohorts", exist_ok=True)
     model = small_model(base / "model")
     spec = write_spec(base / "spec.yaml", model, n=8, output="s3://cohorts/counted")
     run = prepare_run(str(spec), storage_options=server.options)

@@ -182,6 +182,11 @@ def test_another_spec_into_the_same_output_is_refused(written, model, tmp_path):
         prepare_run(str(spec), out=str(tmp_path / "busy"))
     replaced = prepare_run(str(spec), out=str(tmp_path / "busy"), overwrite=True)
     assert replaced.state == "overwritten" and not (tmp_path / "busy" / "notes.txt").exists()
+    # the overwriting run's lease (the refused run before it took and gave back the first)
+    # outlives the overwrite: it still holds the output
+    assert [p.name for p in (tmp_path / "busy" / "lease").iterdir()] == ["000000002.json"]
+    replaced.lease.check()
+    replaced.release()
 
 
 def test_writes_retry_transient_faults_and_name_persistent_ones(monkeypatch):

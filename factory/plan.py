@@ -12,8 +12,9 @@ EXAMPLES = """examples:
   ctfactory plan cohorts/effusion-enriched.yaml --out plan.parquet --plot plan.png
   ctfactory plan cohorts/match-reference.yaml --out /tmp/match.parquet
 
-A bad spec exits with status 2 and one line: file:line: key.path: what is wrong and what is
-valid. See docs/cohort-spec.md for the language."""
+A bad spec exits with status 2 and one line: file:line:column: key.path: what is wrong and
+what is valid. The model, classifier and output are checked as far as plan can without
+loading a model (a remote model is named as not checked). See docs/cohort-spec.md."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Validate a cohort spec (YAML) and plan its volumes: labels, attributes,\n"
             "demographics, prompt and seed per volume. Prints requested vs planned counts\n"
-            "per finding, profiles, constraints, attributes, demographics and warnings."
+            "per finding, profiles, constraints, attributes, demographics and warnings, and\n"
+            "what was checked of the model, classifier and output."
         ),
         formatter_class=HelpFormatter,
         epilog=EXAMPLES,
@@ -42,9 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from factory.cohort.plan import make_plan
     from factory.cohort.spec import load_spec
     from factory.cohort.summary import summary_text
+    from factory.preflight import check_references
 
-    plan = make_plan(load_spec(args.spec))
+    spec = load_spec(args.spec)
+    checks = check_references(spec)
+    plan = make_plan(spec)
     print(summary_text(plan))
+    print("\nreferences:\n" + "\n".join(f"  {line}" for line in checks))
     if args.out:
         try:
             plan.write(args.out)
