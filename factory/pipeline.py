@@ -275,7 +275,7 @@ class VolumeWriter:
             raise ActorStartError(
                 f"model {settings.model}: hash {self.generator.model_hash[:16]} on "
                 f"{here} but {settings.model_hash[:16]} on the driver; install the same model "
-                "on every node"
+                "on every node (a model at a URL must not change while a run reads it)"
             )
         self.store = CohortStore(url, storage_options)
         self._sampling = threading.Lock()

@@ -16,17 +16,23 @@ generated volume's metadata.
 
 A reference is ``builtin:NAME`` (``factory/models/builtin/NAME``), a local directory, or an fsspec
 URL (``s3://bucket/model``, ``memory://...``; ``file://`` is a local directory). Remote checkpoints
-are downloaded once into a cache: ``cache_dir`` if given, else ``$CTFACTORY_CACHE/models``, else
-``~/.cache/ct-factory/models``, one subdirectory per URL (the sha256 of the URL). A cached copy is
-reused while its checksums match; a checkpoint replaced at the same URL needs a new URL or a
-cleared cache entry. S3 credentials and endpoint come from the standard AWS variables
-(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) or from
-``storage_options`` (e.g. ``{"endpoint_url": ...}``), passed to fsspec as is.
+are downloaded into a cache: ``cache_dir`` if given, else ``$CTFACTORY_CACHE/models``, else
+``~/.cache/ct-factory/models``, one subdirectory per content hash. Every load reads the URL's
+checksums.json (a listing and one small read); a copy of that content already cached and intact
+is used, otherwise the files are downloaded into a temporary directory, verified against that
+checksums.json and renamed into place, so that an entry is never half-written or replaced by
+other content, and a model replaced at its URL is a new entry (the old one stays until removed).
+S3 credentials and endpoint come from the standard AWS variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) or from ``storage_options`` (e.g.
+``{"endpoint_url": ...}``), passed to fsspec as is.
 
 Nothing is ever unpickled: weights are read with ``safetensors.torch.load_file`` only, and a
-directory holding a pickle-format file is refused before anything in it is read. Loading checks
-each weights file's safetensors header and size; a network's tensors are read the first time
-they are asked for, so that a driver that only checks a model never loads torch.
+directory holding a pickle-format file, a symbolic link or anything but plain files and
+directories is refused before anything in it is read. The files read whole (config, card,
+checksums) are limited to MAX_METADATA_BYTES, checked before they are read. Loading checks each
+weights file's safetensors header (at most MAX_HEADER_BYTES, as the safetensors library allows)
+against its size, tensor by tensor; a network's tensors are read the first time they are asked
+for, so that a driver that only checks a model never loads torch.
 """
 
 from __future__ import annotations
@@ -36,12 +42,13 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import yaml
 
@@ -64,6 +71,15 @@ _CARRIED = {CONFIG_FILE, CARD_MARKDOWN, CARD_JSON, LABELS_FILE, CHECKSUMS_FILE}
 WEIGHTS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+METADATA_FILES = (CONFIG_FILE, CARD_JSON, CHECKSUMS_FILE)  # the files read whole
+MAX_METADATA_BYTES = 1 << 20  # each of METADATA_FILES (builtin:demo's largest: 10 kB)
+MAX_HEADER_BYTES = 100_000_000  # a safetensors header, the safetensors library's own limit
+DTYPE_BYTES = {  # the safetensors dtypes torch reads, and their sizes
+    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ"), 1),
+    **dict.fromkeys(("I16", "U16", "F16", "BF16"), 2),
+    **dict.fromkeys(("I32", "U32", "F32"), 4),
+    **dict.fromkeys(("I64", "U64", "F64", "C64"), 8),
+}
 
 
 class CheckpointError(CtFactoryError, ValueError):
@@ -102,19 +118,112 @@ class Weights(Mapping):
         return len(self._networks)
 
 
-def _check_safetensors(path: Path) -> None:
-    """A safetensors file by its header (8-byte length, JSON) and size, read without torch."""
+def check_safetensors(path: Path, error: type[CheckpointError] = CheckpointError) -> None:
+    """Refuse a file that is not safetensors as the format defines it, by its header against its
+    size, tensor by tensor, before any tensor is read or allocated (and without torch); raises
+    ``error`` naming the file."""
     try:
+        size = path.stat().st_size
         with path.open("rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        if path.stat().st_size != 8 + length + max(ends, default=0):
-            raise ValueError("its size does not match its header")
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise CheckpointError(
-            f"{path.parent}: {path.name} is not a safetensors file: {exc}"
-        ) from exc
+            header, data_size = _read_header(f, size)
+        _check_tensors(header, data_size)
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: not a readable safetensors file: {exc}") from None
+
+
+def _read_header(f: BinaryIO, size: int) -> tuple[dict, int]:
+    """The JSON header of an open safetensors file of ``size`` bytes and the size of its data
+    section; the length it claims is bounded before anything more is read."""
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise ValueError(f"{size} bytes, less than the 8-byte header length")
+    length = int.from_bytes(prefix, "little")
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"its header claims {length:,} bytes; the limit is {MAX_HEADER_BYTES:,} bytes"
+        )
+    if 8 + length > size:
+        raise ValueError(
+            f"its header claims {length:,} bytes but only {size - 8:,} follow its length"
+        )
+    try:
+        header = json.loads(f.read(length).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"its header is not UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return header, size - 8 - length
+
+
+def _check_tensors(header: dict, data_size: int) -> None:
+    """Every tensor of a header within a data section of ``data_size`` bytes: each where it
+    claims, the tensors back to back in offset order, the last ending where the file does."""
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError("its __metadata__ is not a mapping of strings")
+    end = 0
+    for (begin, stop), name in sorted((_span(k, v, data_size), k) for k, v in header.items()):
+        if begin != end:
+            raise ValueError(
+                f"tensor {name!r} starts at byte {begin:,} of the data, not at {end:,} where "
+                "the tensor before it ends (tensors must be back to back)"
+            )
+        end = stop
+    if end != data_size:
+        raise ValueError(
+            f"its tensors end at byte {end:,} of the data but the file at {data_size:,}"
+        )
+
+
+def _span(name: str, info: object, data_size: int) -> tuple[int, int]:
+    """A tensor's data offsets, checked: a dtype torch reads, a shape of naturals, offsets within
+    the data section spanning exactly the bytes that dtype and shape need."""
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {name!r}: not a mapping of dtype, shape and data_offsets")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(dtype, str) and dtype in DTYPE_BYTES):
+        raise ValueError(
+            f"tensor {name!r}: dtype {reprlib.repr(dtype)}; valid: {', '.join(DTYPE_BYTES)}"
+        )
+    if not _naturals(shape):
+        raise ValueError(f"tensor {name!r}: shape {reprlib.repr(shape)} is not a list of naturals")
+    if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise ValueError(
+            f"tensor {name!r}: data_offsets {reprlib.repr(offsets)} are not [begin, end] with "
+            "begin <= end"
+        )
+    begin, end = offsets
+    if end > data_size:
+        raise ValueError(
+            f"tensor {name!r}: data_offsets [{begin:,}, {end:,}] reach past the data section's "
+            f"{data_size:,} bytes"
+        )
+    need = _nbytes(shape, DTYPE_BYTES[dtype])
+    if need != end - begin:
+        what = "more than 2^64" if need is None else f"{need:,}"
+        raise ValueError(
+            f"tensor {name!r}: {dtype} of shape {reprlib.repr(shape)} needs {what} bytes but "
+            f"its data_offsets span {end - begin:,}"
+        )
+    return begin, end
+
+
+def _naturals(value: object) -> bool:
+    """Whether ``value`` is a JSON list of non-negative integers (not booleans)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _nbytes(shape: list[int], itemsize: int) -> int | None:
+    """The bytes a tensor of ``shape`` needs, or None beyond 2^64: a shape claiming enormous
+    tensors is never multiplied out."""
+    if 0 in shape:
+        return 0
+    need = itemsize
+    for dim in shape:
+        need *= dim
+        if need > 1 << 64:
+            return None
+    return need
 
 
 @dataclass
@@ -154,8 +263,44 @@ def _hash_of(files: Mapping[str, str]) -> str:
 
 
 def _listing(directory: Path) -> list[str]:
-    """Every file below ``directory`` as a relative "/"-separated name, sorted."""
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    """Every file below ``directory`` as a relative "/"-separated name, sorted. A symbolic link
+    (to a file or a directory, inside or out) or anything else that is not a plain file or
+    directory is refused, by its name alone: what is verified must be what is read."""
+    names = []
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            target = Path(os.path.realpath(path))
+            where = "inside" if target.is_relative_to(os.path.realpath(directory)) else "outside"
+            raise CheckpointError(
+                f"{directory}: {name} is a symbolic link to {os.readlink(path)} ({target}, "
+                f"{where} the checkpoint); a checkpoint holds plain files and directories only: "
+                "copy the file in its place"
+            )
+        if path.is_file():
+            names.append(name)
+        elif not path.is_dir():
+            raise CheckpointError(
+                f"{directory}: {name} is not a plain file or directory; a checkpoint holds "
+                "plain files and directories only"
+            )
+    return names
+
+
+def _check_size(where: str, size: int) -> None:
+    """Refuse a metadata file (config, card or checksums) over MAX_METADATA_BYTES, by the size
+    its file system states, before it is read."""
+    if size > MAX_METADATA_BYTES:
+        raise CheckpointError(
+            f"{where}: {size:,} bytes; the limit for {', '.join(METADATA_FILES)} is "
+            f"{MAX_METADATA_BYTES:,} bytes (ct-factory writes a few kB)"
+        )
+
+
+def _read_metadata(path: Path) -> bytes:
+    """A local metadata file's bytes, its size checked first."""
+    _check_size(str(path), path.stat().st_size)
+    return path.read_bytes()
 
 
 def _refuse_pickles(where: str, names: list[str]) -> None:
@@ -178,67 +323,87 @@ def content_hash(directory: str | Path) -> str:
     return _hash_of({n: _sha256_file(directory / n) for n in names})
 
 
+def _no_checksums(where: str) -> CheckpointError:
+    """The error for a directory or URL without checksums.json."""
+    return CheckpointError(
+        f"{where}: no {CHECKSUMS_FILE}, so this is not a ct-factory checkpoint "
+        "(save one with factory.models.checkpoint.save_checkpoint)"
+    )
+
+
 def _read_checksums(directory: Path) -> tuple[dict[str, str], str]:
     path = directory / CHECKSUMS_FILE
     if not path.is_file():
-        raise CheckpointError(
-            f"{directory}: no {CHECKSUMS_FILE}, so this is not a ct-factory checkpoint "
-            "(save one with factory.models.checkpoint.save_checkpoint)"
-        )
+        raise _no_checksums(str(directory))
+    return _parse_checksums(str(path), _read_metadata(path))
+
+
+def _parse_checksums(where: str, text: bytes) -> tuple[dict[str, str], str]:
+    """The file hashes and content hash of a checksums.json, which must agree."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
         files, recorded = data["files"], data["content_hash"]
         if not (isinstance(files, dict) and isinstance(recorded, str)):
             raise TypeError("files must be a mapping and content_hash a string")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
             raise TypeError("files must map names to sha256 strings")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: malformed ({type(exc).__name__}: {exc})") from None
     if _hash_of(files) != recorded:
         raise CheckpointError(
-            f"{path}: the content hash does not match the file hashes it lists; "
+            f"{where}: the content hash does not match the file hashes it lists; "
             "checksums.json was edited or corrupted"
         )
     return files, recorded
 
 
-def _check_files(directory: Path, hash_files: bool) -> str:
+def _check_files(directory: Path, hash_files: bool, where: str = "") -> str:
     """Check a checkpoint directory against its checksums.json; returns its content hash.
 
-    Refuses pickles first, then checks the required files, the file set, and (``hash_files``)
-    every file's sha256.
+    Refuses links and pickles first, then checks the required files, the file set, and
+    (``hash_files``) every file's sha256. Errors name ``where`` (the URL of a download) or the
+    directory.
     """
+    where = where or str(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint directory")
+        raise CheckpointError(f"{where}: no such checkpoint directory")
     present = _listing(directory)
-    _refuse_pickles(str(directory), present)
+    _refuse_pickles(where, present)
     for required in (CONFIG_FILE, CARD_JSON):
         if required not in present:
-            raise CheckpointError(f"{directory}: missing {required}")
+            raise CheckpointError(f"{where}: missing {required}")
+    for name in METADATA_FILES:
+        if name in present:  # before any is read or hashed
+            _check_size(f"{where}/{name}", (directory / name).stat().st_size)
     files, recorded = _read_checksums(directory)
     present = [n for n in present if n != CHECKSUMS_FILE]
-    missing = sorted(set(files) - set(present))
-    if missing:
-        raise CheckpointError(
-            f"{directory}: missing {', '.join(missing)} (listed in {CHECKSUMS_FILE}); "
-            "the checkpoint is incomplete"
-        )
-    extra = sorted(set(present) - set(files))
-    if extra:
-        raise CheckpointError(
-            f"{directory}: unexpected file(s) {', '.join(extra)} not listed in {CHECKSUMS_FILE}; "
-            "the content hash does not cover them: remove them or save the checkpoint again"
-        )
+    _check_file_set(where, present, files)
     if hash_files:
         for name in present:
             actual = _sha256_file(directory / name)
             if actual != files[name]:
                 raise CheckpointError(
-                    f"{directory}: {name} does not match {CHECKSUMS_FILE} (sha256 "
+                    f"{where}: {name} does not match {CHECKSUMS_FILE} (sha256 "
                     f"{actual[:12]}..., recorded {files[name][:12]}...): the content hash does not "
                     "match, the file was changed or corrupted after saving"
                 )
     return recorded
+
+
+def _check_file_set(where: str, present: list[str], files: Mapping[str, str]) -> None:
+    """Refuse files missing from ``present`` (all but checksums.json) or not listed in it."""
+    missing = sorted(set(files) - set(present))
+    if missing:
+        raise CheckpointError(
+            f"{where}: missing {', '.join(missing)} (listed in {CHECKSUMS_FILE}); "
+            "the checkpoint is incomplete"
+        )
+    extra = sorted(set(present) - set(files))
+    if extra:
+        raise CheckpointError(
+            f"{where}: unexpected file(s) {', '.join(extra)} not listed in {CHECKSUMS_FILE}; "
+            "the content hash does not cover them: remove them or save the checkpoint again"
+        )
 
 
 def _is_checkpoint(directory: Path) -> bool:
@@ -321,6 +486,7 @@ def save_checkpoint(
         card_json = json.dumps(dataclasses.asdict(card), indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory}: model card is not JSON-serialisable: {exc}") from None
+    _check_size(f"{directory}/{CARD_JSON}", len(card_json.encode()))  # what a load would refuse
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -418,21 +584,62 @@ def _cache_root(cache_dir: Path | None) -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "ct-factory") / "models"
 
 
-def _download(fs: Any, root: str, url: str, target: Path) -> None:
-    """Copy every file below ``root`` on ``fs`` into ``target``, refusing pickles first."""
-    prefix = root.rstrip("/") + "/"
+def _open(url: str, storage_options: dict | None) -> tuple[Any, str]:
+    """The fsspec file system of a checkpoint URL and the checkpoint's root path on it."""
+    import fsspec
+
     try:
-        remote = [p for p in fs.find(root) if p.startswith(prefix)]
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except Exception as exc:
+        raise CheckpointError(f"{url}: cannot open: {exc}") from exc
+    return fs, root.rstrip("/")
+
+
+def _remote_files(fs: Any, root: str, url: str) -> dict[str, int]:
+    """Every file of a remote checkpoint by relative name, with its listed size. Refuses, before
+    anything is read: no files, no checksums.json, pickles, names that would be written outside
+    the checkpoint, and metadata files over MAX_METADATA_BYTES."""
+    prefix = root + "/"
+    try:
+        listed = fs.find(root, detail=True)
     except Exception as exc:
         raise CheckpointError(f"{url}: cannot list the checkpoint: {exc}") from exc
-    if not remote:
+    files = {  # a name ending in "/" is an object store's directory marker, not a file
+        p[len(prefix) :]: int(i.get("size") or 0)
+        for p, i in listed.items()
+        if p.startswith(prefix) and not p.endswith("/")
+    }
+    if not files:
         raise CheckpointError(f"{url}: no checkpoint there (no files found)")
-    names = [p[len(prefix) :] for p in remote]
-    _refuse_pickles(url, names)
+    _refuse_pickles(url, list(files))
+    odd = sorted(n for n in files if {"", ".", ".."} & set(n.split("/")))
+    if odd:
+        raise CheckpointError(
+            f"{url}: refusing file names that are not plain relative paths ({', '.join(odd)}): "
+            "they could be written outside the checkpoint's copy"
+        )
+    for name in METADATA_FILES:
+        _check_size(f"{url}/{name}", files.get(name, 0))
+    if CHECKSUMS_FILE not in files:
+        raise _no_checksums(url)
+    return files
+
+
+def _cat(fs: Any, root: str, url: str, name: str) -> bytes:
+    """A remote metadata file's bytes (its listed size checked before), at most
+    MAX_METADATA_BYTES of them whatever it has become since."""
     try:
-        for path, name in zip(remote, names, strict=True):
+        return fs.cat_file(f"{root}/{name}", start=0, end=MAX_METADATA_BYTES)
+    except Exception as exc:
+        raise CheckpointError(f"{url}: cannot read {name}: {exc}") from exc
+
+
+def _download(fs: Any, root: str, url: str, names: list[str], target: Path) -> None:
+    """Copy the files ``names`` of the checkpoint at ``root`` on ``fs`` into ``target``."""
+    try:
+        for name in names:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(path, str(target / name))
+            fs.get_file(f"{root}/{name}", str(target / name))
     except Exception as exc:
         raise CheckpointError(f"{url}: download failed: {exc}") from exc
 
@@ -451,7 +658,7 @@ def upload_checkpoint(directory: Path, url: str, storage_options: dict | None = 
             f"{url}: exists and is not a ct-factory checkpoint (no {CHECKSUMS_FILE}); refusing "
             "to overwrite it: choose a new URL or remove it"
         )
-    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    names = _listing(directory)
     if old:
         fs.rm(f"{root}/{CHECKSUMS_FILE}")
         keep = {f"{root}/{n}" for n in names} | {f"{root}/{CHECKSUMS_FILE}"}
@@ -465,31 +672,59 @@ def upload_checkpoint(directory: Path, url: str, storage_options: dict | None = 
 def _cached(
     url: str, cache_dir: Path | None, storage_options: dict | None, hash_files: bool
 ) -> tuple[Path, str]:
-    """The local copy of a remote checkpoint and its content hash, verified; downloaded
-    (atomically) unless a copy that verifies is already cached."""
-    import fsspec
-
+    """The local copy of a remote checkpoint and its content hash. The URL's checksums.json
+    names the content: a cached copy of it that verifies is used, otherwise every other file
+    is downloaded into a temporary directory, verified against that checksums.json, and
+    renamed into place as the entry of that content hash."""
     url = url.rstrip("/")
-    entry = _cache_root(cache_dir) / hashlib.sha256(url.encode()).hexdigest()
-    if entry.is_dir():
-        try:
-            return entry, _check_files(entry, hash_files)
-        except CheckpointError:
-            pass  # a stale or damaged copy: download afresh below
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except Exception as exc:
-        raise CheckpointError(f"{url}: cannot open: {exc}") from exc
+    fs, root = _open(url, storage_options)
+    names = [n for n in _remote_files(fs, root, url) if n != CHECKSUMS_FILE]
+    checksums = _cat(fs, root, url, CHECKSUMS_FILE)
+    files, digest = _parse_checksums(f"{url}/{CHECKSUMS_FILE}", checksums)
+    _check_file_set(url, names, files)
+    entry = _cache_root(cache_dir) / digest
+    if _intact(entry, digest, hash_files):
+        return entry, digest
+    damaged = entry.exists()
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_name(f".{entry.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        _download(fs, root, url, tmp)
-        digest = _check_files(tmp, hash_files=True)
-        _swap_into_place(tmp, entry)
+        (tmp / CHECKSUMS_FILE).write_bytes(checksums)
+        _download(fs, root, url, names, tmp)
+        try:
+            _check_files(tmp, hash_files=True, where=url)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}; nothing was cached: the model at the URL changed after its "
+                f"{CHECKSUMS_FILE} was written, or while it was downloaded"
+            ) from None
+        _settle(tmp, entry, replace=damaged)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entry, digest
+
+
+def _intact(entry: Path, digest: str, hash_files: bool) -> bool:
+    """Whether a cache entry holds the checkpoint of content hash ``digest``, checked as a local
+    directory is (``hash_files``: every file's sha256)."""
+    try:
+        return entry.is_dir() and _check_files(entry, hash_files) == digest
+    except CheckpointError:
+        return False  # a damaged copy: downloaded afresh
+
+
+def _settle(tmp: Path, entry: Path, replace: bool) -> None:
+    """Rename a verified download to its cache entry: ``replace`` a damaged entry, else keep an
+    entry that another process completed meanwhile (the same content, which it may be reading)."""
+    if replace:
+        _swap_into_place(tmp, entry)
+        return
+    try:
+        tmp.rename(entry)
+    except OSError:
+        if not entry.is_dir():
+            raise
 
 
 def _locate(
@@ -519,18 +754,22 @@ def resolve(
 
 def _read_card(directory: Path) -> ModelCard:
     path = directory / CARD_JSON
+    return _parse_card(str(path), _read_metadata(path))
+
+
+def _parse_card(where: str, text: bytes) -> ModelCard:
+    """A model card from its JSON, or an error naming ``where``."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return ModelCard(**data)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not a valid model card: {exc}") from None
+        return ModelCard(**json.loads(text))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: not a valid model card: {exc}") from None
 
 
 def _read_config(directory: Path) -> ModelConfig:
     path = directory / CONFIG_FILE
     try:
-        return parse_config(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
-    except yaml.YAMLError as exc:
+        return parse_config(yaml.safe_load(_read_metadata(path).decode("utf-8")), str(path))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not valid YAML: {exc}") from None
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
@@ -539,24 +778,17 @@ def _read_config(directory: Path) -> ModelConfig:
 def describe(ref: str | Path, storage_options: dict | None = None) -> tuple[ModelCard, str]:
     """A checkpoint's model card and recorded content hash, without reading its weights.
 
-    A remote checkpoint is not downloaded: only its two small JSON files are read.
+    A remote checkpoint is not downloaded: it is listed and its two small JSON files are read.
     """
     parsed = parse_ref(str(ref))
     if parsed.kind == "remote":
-        import fsspec
-
         url = parsed.url
-        try:
-            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-            card = json.loads(fs.cat_file(f"{root}/{CARD_JSON}"))
-            sums = json.loads(fs.cat_file(f"{root}/{CHECKSUMS_FILE}"))
-            return ModelCard(**card), str(sums["content_hash"])
-        except Exception as exc:
-            raise CheckpointError(f"{url}: cannot read its model card: {exc}") from exc
+        fs, root = _open(url, storage_options)
+        _remote_files(fs, root, url)
+        _, digest = _parse_checksums(f"{url}/{CHECKSUMS_FILE}", _cat(fs, root, url, CHECKSUMS_FILE))
+        return _parse_card(f"{url}/{CARD_JSON}", _cat(fs, root, url, CARD_JSON)), digest
     directory, _ = _locate(ref, None, storage_options, hash_files=False)
-    if not directory.is_dir():
-        raise CheckpointError(f"{ref}: no such checkpoint directory")
-    _, digest = _read_checksums(directory)
+    digest = _check_files(directory, hash_files=False)
     return _read_card(directory), digest
 
 
@@ -585,7 +817,7 @@ def load_checkpoint(
                 f"{directory}: {name} is not a known network; valid: "
                 f"{', '.join(n + WEIGHTS_SUFFIX for n in NETWORKS)}"
             )
-        _check_safetensors(directory / name)
+        check_safetensors(directory / name)
         networks.append(network)
     if not networks:
         raise CheckpointError(

@@ -2,7 +2,8 @@
 
 A MAISI autoencoder checkpoint is published as a raw state dict or as a dict holding it under
 ``unet_state_dict``; both are read with ``torch.load(weights_only=True)`` only (a pickle that
-holds anything but tensors and plain containers is refused, never run), or from safetensors.
+holds anything but tensors and plain containers is refused, never run), or from safetensors
+(its header checked tensor by tensor against the file's size before anything is loaded).
 The weights must fit the VAE the model config builds, key for key and shape for shape; a
 mismatch is reported by name, a few of each kind with their counts.
 """
@@ -16,7 +17,12 @@ from pathlib import Path
 import torch
 
 from factory.models.card import ModelCard
-from factory.models.checkpoint import CheckpointError, _sha256_file, save_checkpoint
+from factory.models.checkpoint import (
+    CheckpointError,
+    _sha256_file,
+    check_safetensors,
+    save_checkpoint,
+)
 from factory.models.config import ModelConfig
 from factory.models.vae import build_vae
 
@@ -49,6 +55,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Source]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        check_safetensors(path, WeightsError)
         try:
             loaded: object = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
