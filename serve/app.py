@@ -81,34 +81,32 @@ def error(
 
 
 class BodyLimit:
-    """ASGI middleware: bodies over ``limit`` bytes get 413 before any route parses them."""
+    """ASGI middleware: a body over ``limit`` bytes gets 413 and one not received within
+    ``timeout_s`` gets 408 (a client that trickles it or stops), before any route parses it."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, timeout_s: float):
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        too_large = error(413, f"request body over {self.limit} bytes", "body")
-        if declared is not None:
-            if not declared.isdigit():
-                return await error(400, "invalid Content-Length", "body")(scope, receive, send)
-            if int(declared) > self.limit:
-                return await too_large(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await too_large(scope, receive, send)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and not declared.isdigit():
+            return await error(400, "invalid Content-Length", "body")(scope, receive, send)
+        if declared is not None and int(declared) > self.limit:
+            return await self.too_large()(scope, receive, send)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self.read(receive)
+        except TimeoutError:
+            message = f"request body not received within {self.timeout_s:g} s"
+            return await closing(error(408, message, "body"))(scope, receive, send)
+        if body is None:  # the client went away
+            return None
+        if len(body) > self.limit:
+            return await self.too_large()(scope, receive, send)
         sent = False
 
         async def replay():
@@ -119,6 +117,28 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    async def read(self, receive) -> bytes | None:
+        """The body, cut short once past the limit; None when the client disconnected."""
+        chunks, size, more = [], 0, True
+        while more and size <= self.limit:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    def too_large(self) -> JSONResponse:
+        """413, naming the limit."""
+        return closing(error(413, f"request body over {self.limit} bytes", "body"))
+
+
+def closing(response: JSONResponse) -> JSONResponse:
+    """``response`` closing its connection: what is left of the body is never read."""
+    response.headers["Connection"] = "close"
+    return response
 
 
 def _field(loc: tuple) -> str:
@@ -139,7 +159,8 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return error(exc.status_code, str(exc.detail))
+    field = "body" if exc.status_code == 400 else None  # FastAPI's 400: a body it cannot parse
+    return error(exc.status_code, str(exc.detail), field)
 
 
 def _response(result: Result) -> Response:
@@ -151,6 +172,7 @@ def _response(result: Result) -> Response:
 FILE_RESPONSES = {
     400: {"model": ErrorBody, "description": "the body could not be read (not UTF-8 JSON)"},
     401: {"model": ErrorBody, "description": "missing or wrong API key"},
+    408: {"model": ErrorBody, "description": "the body did not arrive within the body timeout"},
     413: {"model": ErrorBody, "description": "request body too large"},
     422: {"model": ErrorBody, "description": "a field is invalid; `field` names it"},
     503: {
@@ -170,7 +192,8 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_middleware(BodyLimit, limit=cfg.limits.max_body_bytes)
+    limits = cfg.limits
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
     if cfg.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -205,10 +228,9 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
         if not authorised(given):
             return unauthorised()
         try:
-            model, request = resolve(body, cfg, output)
+            job = resolve(body, cfg, output)
         except FieldError as exc:
             return error(422, str(exc), exc.field)
-        job = Job(model, request, output)
         try:
             result = await asyncio.wait_for(backend.generate(job), cfg.limits.request_timeout_s)
         except Busy:
@@ -225,7 +247,7 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
             seconds[0] = 0.8 * seconds[0] + 0.2 * float(result.headers["X-Generate-Seconds"])
         return _response(result)
 
-    preview_body, volume_body = published_models(cfg)
+    preview_body, volume_body, segmentation_body = published_models(cfg)
 
     async def volumes(body: VolumeRequest, key: str | None = Security(key_header)) -> Response:
         return await run(body, body.format, key)
@@ -233,19 +255,6 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
     async def previews(body: PreviewRequest, key: str | None = Security(key_header)) -> Response:
         return await run(body, "png", key)
 
-    @app.post(
-        "/v1/segmentations",
-        response_class=Response,
-        responses={
-            200: {
-                "description": "the anatomy sampled for the given CT: a uint8 label map "
-                "(.nii.gz) on the model grid, its legend in X-Anatomy-Legend",
-                "content": {"application/gzip": {}},
-            },
-            **FILE_RESPONSES,
-        },
-        summary="Segment a CT by generation: its anatomy channels sampled with it held fixed",
-    )
     async def segmentations(
         body: SegmentationRequest, key: str | None = Security(key_header)
     ) -> Response:
@@ -254,6 +263,7 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
     # The published bodies carry this server's limits (annotations are strings here).
     volumes.__annotations__["body"] = volume_body
     previews.__annotations__["body"] = preview_body
+    segmentations.__annotations__["body"] = segmentation_body
 
     app.post(
         "/v1/volumes",
@@ -272,6 +282,19 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
         },
         summary="Generate one volume (NIfTI, .npy or a Zarr zip)",
     )(volumes)
+    app.post(
+        "/v1/segmentations",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the anatomy sampled for the given CT: a uint8 label map "
+                "(.nii.gz) on the model grid, its legend in X-Anatomy-Legend",
+                "content": {"application/gzip": {}},
+            },
+            **FILE_RESPONSES,
+        },
+        summary="Segment a CT by generation: its anatomy channels sampled with it held fixed",
+    )(segmentations)
     app.post(
         "/v1/previews",
         response_class=Response,

@@ -42,6 +42,7 @@ class Limits(Strict):
     default_guidance: float | None = Field(None, ge=0)  # None: each model's own
     max_prompt_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(8 * 2**20, ge=1024)  # masks travel base64-encoded
+    body_timeout_s: float = Field(60.0, gt=0)  # to receive the whole body (408 after it)
     max_voxels: int = Field(512**3, ge=1)  # a model whose grid is larger is refused at load
     max_ongoing_requests: int = Field(8, ge=1)  # per generator replica (>= max_batch_size)
     max_queued_requests: int = Field(16, ge=0)  # per caller; 0 rejects whatever cannot start

@@ -30,7 +30,7 @@ from factory.models.generator import Generator, RequestError
 from factory.raycluster import IN_FLIGHT  # as an actor: one batch samples, one is encoded
 from serve.config import ServeConfig, parse_serve_config
 from serve.encode import MEDIA_TYPES, SUFFIXES, npy_bytes, preview_png, zarr_zip_bytes
-from serve.schemas import Job, volume_id
+from serve.schemas import FieldError, Job, volume_id, with_arrays
 
 _FIELD = re.compile(r"^request \d+: ([A-Za-z_][\w.]*): (.*)$", re.S)
 
@@ -63,8 +63,9 @@ def load_serving_generator(ref: str, cfg: ServeConfig) -> Generator:
 
 def _request_error(exc: RequestError) -> Result:
     match = _FIELD.match(str(exc))
-    name, message = (match.group(1), match.group(2)) if match else (None, str(exc))
-    return Result(status=422, error=message, field=name)
+    if match is None:
+        return Result(status=422, error=str(exc))
+    return Result(status=422, error=f"{match.group(1)}: {match.group(2)}", field=match.group(1))
 
 
 def header_text(text: str) -> str:
@@ -117,15 +118,20 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
 def run_batch(
     generator: Generator, model_id: str, jobs: list[Job], sampling: threading.Lock | None = None
 ) -> list[Result]:
-    """Generate ``jobs`` on one model in as few forward passes as their settings allow. The
-    sampling holds ``sampling`` (one batch on the accelerator at a time); encoding does not,
-    so that another batch samples meanwhile."""
+    """Generate ``jobs`` on one model in as few forward passes as their settings allow. Their
+    masks and images are decoded here, on the model's grid. The sampling holds ``sampling``
+    (one batch on the accelerator at a time); decoding and encoding do not, so that another
+    batch samples meanwhile."""
+    grid = tuple(int(n) for n in generator.config.size)
     results: list[Result | None] = [None] * len(jobs)
-    valid = []
+    jobs, valid = list(jobs), []
     for i, job in enumerate(jobs):
         try:
-            generator.check(job.request, i)
+            jobs[i] = with_arrays(job, grid)
+            generator.check(jobs[i].request, i)
             valid.append(i)
+        except FieldError as exc:
+            results[i] = Result(status=422, error=str(exc), field=exc.field)
         except RequestError as exc:
             results[i] = _request_error(exc)
     if valid:

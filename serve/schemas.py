@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import gzip
 import hashlib
 import io
+import math
 import random
+import re
 import secrets
+import tokenize
+import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from numpy.lib import format as npy_format
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    create_model,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from factory import vocab
 from factory.cohort.prompts import build_prompt
@@ -29,6 +44,12 @@ from serve.config import ServeConfig
 
 MAX_SEED = 2**53 - 1  # exact in JSON numbers and JavaScript
 AttributeValue = str | int | float
+TEXT_RULE = "no control characters but tab, LF and CR, and no U+2028 or U+2029"
+# C0 controls but tab, LF and CR; DEL and the C1 controls; the line and paragraph separators
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+NPY_HEAD_BYTES = 12 + 10_000  # magic, version, header length, and the longest header numpy reads
+GZIP_MAGIC = b"\x1f\x8b"
+KIND_NAMES = {"b": "bool", "i": "int", "u": "uint", "f": "float"}
 
 
 class FieldError(CtFactoryError, ValueError):
@@ -38,6 +59,26 @@ class FieldError(CtFactoryError, ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+def plain_text(text: str) -> str:
+    """Free text as given, refused if it holds a control character other than tab, LF or CR,
+    or U+2028/U+2029: they mean nothing to the text encoder, and they corrupt the logs,
+    terminals and line-based records that show a prompt."""
+    found = CONTROL.search(text)
+    if found:
+        raise PydanticCustomError(
+            "control_character",
+            "character U+{code} at index {index} is not accepted: " + TEXT_RULE,
+            {"code": f"{ord(found.group()):04X}", "index": found.start()},
+        )
+    return text
+
+
+def free_text(max_length: int, min_length: int | None = None) -> type[str]:
+    """A free-text field type: its length checked first, then :func:`plain_text`."""
+    limits = StringConstraints(min_length=min_length, max_length=max_length)
+    return Annotated[str, limits, AfterValidator(plain_text)]  # type: ignore[return-value]
 
 
 class PreviewRequest(BaseModel):
@@ -54,20 +95,18 @@ class PreviewRequest(BaseModel):
         },
     )
 
-    prompt: str | None = Field(
-        None, min_length=1, max_length=100_000, description="free text; or give `findings`"
+    prompt: free_text(100_000, 1) | None = Field(  # type: ignore[valid-type]
+        None, description="free text; or give `findings`; " + TEXT_RULE
     )
     findings: list[str] | dict[str, dict[str, AttributeValue]] | None = Field(
         None,
         description="finding ids or CT-RATE names, optionally with attributes "
         "(e.g. {'pleural_effusion': {'laterality': 'left'}}); [] asks for a normal scan",
     )
-    negative_prompt: str | None = Field(
+    negative_prompt: free_text(100_000, 1) | None = Field(  # type: ignore[valid-type]
         None,
-        min_length=1,
-        max_length=100_000,
         description="what guidance steers away from; a prompt's own negations "
-        "('no pleural effusion') are added to it",
+        "('no pleural effusion') are added to it; " + TEXT_RULE,
     )
     age: int | None = Field(None, ge=18, le=100, description="with `findings`")
     sex: Literal["M", "F"] | None = Field(None, description="with `findings`")
@@ -99,7 +138,9 @@ class SegmentationRequest(BaseModel):
     image: str = Field(
         description="base64 of a .npy (optionally gzipped) 3D array of HU on the model grid"
     )
-    prompt: str = Field("", max_length=100_000, description="text to condition on (optional)")
+    prompt: free_text(100_000) = Field(  # type: ignore[valid-type]
+        "", description="text to condition on (optional); " + TEXT_RULE
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent")
     steps: int | None = Field(None, ge=1, le=10_000, description="sampler steps")
     guidance: float | None = Field(None, ge=0, le=1_000, description="classifier-free guidance")
@@ -113,38 +154,49 @@ class VolumeRequest(PreviewRequest):
     )
 
 
-def published_models(cfg: ServeConfig) -> tuple[type[PreviewRequest], type[VolumeRequest]]:
+def published_models(
+    cfg: ServeConfig,
+) -> tuple[type[PreviewRequest], type[VolumeRequest], type[SegmentationRequest]]:
     """The request models with this server's limits and model ids in their schema, so that
     ``/openapi.json`` (and clients generated from it) say what the server accepts."""
     limits = cfg.limits
     ids = Literal[tuple(cfg.models)]  # type: ignore[valid-type]
+    text = f"at most {limits.max_prompt_chars} characters; {TEXT_RULE}"
     fields = {
-        "prompt": (str | None, Field(None, min_length=1, max_length=limits.max_prompt_chars)),
-        "negative_prompt": (
-            str | None,
-            Field(
-                None,
-                min_length=1,
-                max_length=limits.max_prompt_chars,
-                description="what guidance steers away from",
-            ),
-        ),
         "steps": (int | None, Field(None, ge=1, le=limits.max_steps, description="sampler steps")),
         "guidance": (float | None, Field(None, ge=0, le=limits.max_guidance)),
         "model": (ids | None, Field(None, description="a model id from /v1/models")),
     }
-    preview = create_model("PreviewBody", __base__=PreviewRequest, **fields)
-    volume = create_model("VolumeBody", __base__=VolumeRequest, **fields)
-    return preview, volume
+    prompt = free_text(limits.max_prompt_chars, 1) | None
+    prompts = {
+        "prompt": (prompt, Field(None, description=text)),
+        "negative_prompt": (
+            prompt,
+            Field(None, description="what guidance steers away from, " + text),
+        ),
+    }
+    return (
+        create_model("PreviewBody", __base__=PreviewRequest, **fields, **prompts),
+        create_model("VolumeBody", __base__=VolumeRequest, **fields, **prompts),
+        create_model(
+            "SegmentationBody",
+            __base__=SegmentationRequest,
+            **fields,
+            prompt=(free_text(limits.max_prompt_chars), Field("", description=text)),
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class Job:
-    """A validated request for the generator deployment."""
+    """A validated request for the generator deployment. Its masks and image travel as the
+    base64 text they came in (compact), decoded by the replica, which knows the model grid."""
 
     model: str
     request: Request
-    output: str  # nifti, npy, zarr or png
+    output: str  # nifti, npy, zarr, png or segmentation
+    masks: dict[str, str] = dataclasses.field(default_factory=dict)  # channel -> base64 .npy
+    image: str | None = None  # base64 .npy of HU
 
 
 def findings_prompt(
@@ -169,48 +221,73 @@ def findings_prompt(
     return build_prompt("structured", labels, attributes, age, sex, rng)
 
 
-def decode_mask(name: str, text: str, max_voxels: int) -> np.ndarray:
-    """A base64 .npy (optionally gzipped) 0/1 array; errors name ``masks.NAME``."""
+def decode_mask(name: str, text: str, grid: tuple[int, ...]) -> np.ndarray:
+    """A base64 .npy (optionally gzipped) 0/1 array on ``grid``; errors name ``masks.NAME``."""
     field = f"masks.{name}"
-    mask = decode_npy(field, text, max_voxels)
-    if mask.ndim != 3 or mask.dtype.kind not in "biu":
-        got = f"{mask.dtype} {mask.shape}"
-        raise FieldError(field, f"expected a 3D 0/1 integer or bool array, got {got}")
+    mask = decode_npy(field, text, grid, "biu")
     if not np.isin(mask, (0, 1)).all():
         raise FieldError(field, "values must be 0 or 1")
     return mask.astype(bool)
 
 
-def decode_image(text: str, max_voxels: int) -> np.ndarray:
-    """A base64 .npy (optionally gzipped) 3D array of finite HU; errors name ``image``."""
-    image = decode_npy("image", text, max_voxels)
-    if image.ndim != 3 or image.dtype.kind not in "iuf":
-        raise FieldError("image", f"expected a 3D integer or float array, got {image.dtype} "
-                         f"{image.shape}")  # fmt: skip
+def decode_image(text: str, grid: tuple[int, ...]) -> np.ndarray:
+    """A base64 .npy (optionally gzipped) array of finite HU on ``grid``; errors name ``image``."""
+    image = decode_npy("image", text, grid, "iuf")
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise FieldError("image", "values must be finite")
     return image.astype(np.float32)
 
 
-def decode_npy(field: str, text: str, max_voxels: int) -> np.ndarray:
-    """A base64 .npy, optionally gzipped, of at most ``max_voxels`` values."""
+def decode_npy(field: str, text: str, shape: tuple[int, ...], kinds: str) -> np.ndarray:
+    """A base64 .npy, optionally gzipped, of ``shape`` and a dtype of one of ``kinds``. Its
+    header is checked before any data is read, and no more is inflated than the data it
+    declares: a huge declared shape or a gzip bomb is refused, never inflated."""
+    stream = npy_stream(field, text)
+    head = io.BytesIO(read_stream(field, stream, NPY_HEAD_BYTES))
+    given, fortran, dtype = npy_header(field, head)
+    if given != tuple(shape):
+        raise FieldError(field, f"shape {given} does not match the model grid {tuple(shape)}")
+    if dtype.kind not in kinds or dtype.itemsize > 8:
+        valid = ", ".join(KIND_NAMES[k] for k in kinds)
+        raise FieldError(field, f"dtype {dtype} is not accepted; valid: {valid} (8 bytes at most)")
+    size = math.prod(shape) * dtype.itemsize
+    data = head.read()
+    if len(data) <= size:  # one byte more than declared tells trailing data apart
+        data += read_stream(field, stream, size - len(data) + 1)
+    if len(data) != size:
+        held = "more" if len(data) > size else str(len(data))
+        raise FieldError(
+            field, f"the header declares {size} bytes of data, the stream holds {held}"
+        )
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def npy_stream(field: str, text: str) -> io.BufferedIOBase:
+    """The bytes of base64 ``text``, inflated lazily (as they are read) when gzipped."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise FieldError(field, "not valid base64") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-                raw = f.read(max_voxels * 8 + 1024)
-        except (OSError, EOFError):
-            raise FieldError(field, "not a valid gzip stream") from None
+    if raw[:2] == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=io.BytesIO(raw))
+    return io.BytesIO(raw)
+
+
+def read_stream(field: str, stream: io.BufferedIOBase, size: int) -> bytes:
+    """At most ``size`` bytes of ``stream``; a damaged gzip stream is refused naming ``field``."""
     try:
-        array = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError):
-        raise FieldError(field, "not a .npy array (np.save output)") from None
-    if array.size > max_voxels:
-        raise FieldError(field, f"{array.size:,} values; this server takes at most {max_voxels:,}")
-    return array
+        return stream.read(size)
+    except (OSError, EOFError, zlib.error):
+        raise FieldError(field, "not a valid gzip stream") from None
+
+
+def npy_header(field: str, head: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from a .npy header (format 1.0 or 2.0), never unpickling."""
+    readers = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+    try:
+        return readers[npy_format.read_magic(head)](head)
+    except (KeyError, ValueError, tokenize.TokenError):  # TokenError: numpy's header filter
+        raise FieldError(field, "not a .npy array (np.save output, format 1.0 or 2.0)") from None
 
 
 def volume_id(model_hash: str, request: Request) -> str:
@@ -225,10 +302,18 @@ def volume_id(model_hash: str, request: Request) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def resolve(
-    body: PreviewRequest | SegmentationRequest, cfg: ServeConfig, output: str
-) -> tuple[str, Request]:
-    """Apply the configured limits and defaults: (model id, generator request)."""
+def with_arrays(job: Job, grid: tuple[int, ...]) -> Job:
+    """``job`` with its masks and image decoded on the model's ``grid`` into its request."""
+    if not job.masks and job.image is None:
+        return job
+    masks = {name: decode_mask(name, text, grid) for name, text in job.masks.items()} or None
+    image = decode_image(job.image, grid) if job.image is not None else None
+    request = dataclasses.replace(job.request, masks=masks, image=image)
+    return Job(job.model, request, job.output)
+
+
+def resolve(body: PreviewRequest | SegmentationRequest, cfg: ServeConfig, output: str) -> Job:
+    """Apply the configured limits and defaults: the job for the generator deployment."""
     limits = cfg.limits
     model = body.model or cfg.default_model
     if model not in cfg.models:
@@ -243,24 +328,16 @@ def resolve(
         )
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     if isinstance(body, SegmentationRequest):
-        if len(body.prompt) > limits.max_prompt_chars:
-            n = limits.max_prompt_chars
-            raise FieldError(
-                "prompt", f"{len(body.prompt)} characters; this server takes at most {n}"
-            )
-        image = decode_image(body.image, limits.max_voxels)
-        return model, Request(body.prompt, seed, steps, guidance, body.scheduler, image=image)
-    if body.findings is not None:
-        prompt = findings_prompt(body.findings, body.age, body.sex, seed)
+        prompt, negative, masks, image = body.prompt, "", {}, body.image
     else:
-        prompt = body.prompt or ""
-    negative = body.negative_prompt or ""
+        if body.findings is not None:
+            prompt = findings_prompt(body.findings, body.age, body.sex, seed)
+        else:
+            prompt = body.prompt or ""
+        negative, masks, image = body.negative_prompt or "", body.masks or {}, None
     for name, text in (("prompt", prompt), ("negative_prompt", negative)):
         if len(text) > limits.max_prompt_chars:
             n = limits.max_prompt_chars
             raise FieldError(name, f"{len(text)} characters; this server takes at most {n}")
-    masks = None
-    if body.masks:
-        masks = {k: decode_mask(k, v, limits.max_voxels) for k, v in body.masks.items()}
-    request = Request(prompt, seed, steps, guidance, body.scheduler, masks, negative)
-    return model, request
+    request = Request(prompt, seed, steps, guidance, body.scheduler, negative_prompt=negative)
+    return Job(model, request, output, masks, image)

@@ -7,12 +7,14 @@ import gzip
 import io
 import json
 import threading
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
 import pytest
 import zarr
 from PIL import Image
+from pydantic import ValidationError
 
 import serve.generator
 from factory.anatomy import channels_from_labels
@@ -29,8 +31,10 @@ from serve.schemas import (
     decode_image,
     decode_mask,
     findings_prompt,
+    published_models,
     resolve,
     volume_id,
+    with_arrays,
 )
 from tests.store_helpers import small_model
 
@@ -123,9 +127,11 @@ def test_shipped_config_states_only_what_it_changes():
 
 def test_resolve_applies_limits_and_defaults():
     cfg = parse_serve_config({"limits": {"max_steps": 10, "default_steps": 4}})
-    model, req = resolve(PreviewRequest(prompt="Cardiomegaly."), cfg, "png")
-    assert model == "demo" and req.steps == 4 and req.guidance is None and 0 <= req.seed < 2**31
-    _, req = resolve(PreviewRequest(prompt="Cardiomegaly."), parse_serve_config({}), "png")
+    job = resolve(PreviewRequest(prompt="Cardiomegaly."), cfg, "png")
+    req = job.request
+    assert job.model == "demo" and req.steps == 4 and req.guidance is None
+    assert 0 <= req.seed < 2**31
+    req = resolve(PreviewRequest(prompt="Cardiomegaly."), parse_serve_config({}), "png").request
     assert req.steps is None  # the generator applies the model's own (diffusion.sampling)
     with pytest.raises(FieldError, match="exceeds this server's limit of 10") as info:
         resolve(PreviewRequest(prompt="x", steps=11), cfg, "png")
@@ -141,49 +147,119 @@ def test_resolve_applies_limits_and_defaults():
 def test_negative_prompt_reaches_the_request_and_its_address():
     cfg = parse_serve_config({})
     body = {"prompt": "Cardiomegaly.", "seed": 3}
-    _, plain = resolve(PreviewRequest(**body), cfg, "png")
-    _, steered = resolve(PreviewRequest(**body, negative_prompt="pleural effusion"), cfg, "png")
+    plain = resolve(PreviewRequest(**body), cfg, "png").request
+    steered = resolve(
+        PreviewRequest(**body, negative_prompt="pleural effusion"), cfg, "png"
+    ).request
     assert plain.negative_prompt == "" and steered.negative_prompt == "pleural effusion"
     assert volume_id("h", plain) != volume_id("h", steered)
     assert volume_id("h", steered) == volume_id(
-        "h", resolve(PreviewRequest(**body, negative_prompt="pleural effusion"), cfg, "png")[1]
+        "h", resolve(PreviewRequest(**body, negative_prompt="pleural effusion"), cfg, "png").request
     )
     with pytest.raises(FieldError, match="at most 2000") as info:
         resolve(PreviewRequest(**body, negative_prompt="x" * 2001), cfg, "png")
     assert info.value.field == "negative_prompt"
 
 
+def _npy_header(shape: tuple, descr: str = "|u1") -> bytes:
+    """A .npy 1.0 header that claims ``shape``, with no data after it."""
+    text = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode()
+    text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+
+
 def test_masks_decode_or_name_the_field():
-    mask = np.zeros((4, 4, 4), np.uint8)
+    grid = (4, 4, 4)
+    mask = np.zeros(grid, np.uint8)
     mask[1:3] = 1
-    assert decode_mask("lungs", _b64(mask), 10**6).sum() == 32
-    assert decode_mask("lungs", _b64(mask.astype(bool), zipped=True), 10**6).sum() == 32
+    assert decode_mask("lungs", _b64(mask), grid).sum() == 32
+    assert decode_mask("lungs", _b64(mask.astype(bool), zipped=True), grid).sum() == 32
+    fortran = decode_mask("lungs", _b64(np.asfortranarray(mask.transpose(2, 0, 1))), grid)
+    assert np.array_equal(fortran, mask.transpose(2, 0, 1))
+    big_endian = decode_mask("lungs", _b64(mask.astype(">i2"), zipped=True), grid)
+    assert np.array_equal(big_endian, mask)
+    npy = base64.b64decode(_b64(mask))
     bad = [
         ("@@@", "not valid base64"),
         (base64.b64encode(b"not npy").decode(), "not a .npy"),
+        # a header numpy's filter fails to tokenize (TokenError: it was a 500)
+        (base64.b64encode(b"\x93NUMPY\x01\x00\x0b\x00{'descr': (").decode(), "not a .npy"),
         (_b64(mask * 3), "values must be 0 or 1"),
-        (_b64(np.zeros((4, 4))), "expected a 3D"),
-        (_b64(np.zeros((4, 4, 4), np.float32)), "expected a 3D 0/1 integer"),
+        (_b64(np.zeros((4, 4))), r"shape \(4, 4\) does not match the model grid \(4, 4, 4\)"),
+        (_b64(np.zeros(grid, np.float32)), "dtype float32 is not accepted; valid: bool, int"),
+        (base64.b64encode(_npy_header(grid, "|O")).decode(), "dtype object is not accepted"),
+        (base64.b64encode(npy[:-1]).decode(), "declares 64 bytes of data, the stream holds 63"),
+        (base64.b64encode(npy + b"\0").decode(), "the stream holds more"),
+        (base64.b64encode(gzip.compress(npy)[:-9]).decode(), "not a valid gzip stream"),
     ]
     for text, message in bad:
         with pytest.raises(FieldError, match=message) as info:
-            decode_mask("lungs", text, 10**6)
+            decode_mask("lungs", text, grid)
         assert info.value.field == "masks.lungs"
 
 
-def test_images_decode_or_name_the_field():
-    hu = np.full((4, 4, 4), -1000, np.int16)
-    assert decode_image(_b64(hu, zipped=True), 10**6).dtype == np.float32
-    bad = [
-        (_b64(np.zeros((4, 4))), "expected a 3D integer or float"),
-        (_b64(np.full((4, 4, 4), np.nan, np.float32)), "must be finite"),
-        (_b64(np.zeros((4, 4, 4), bool)), "expected a 3D integer or float"),
-        (_b64(hu), "64 values; this server takes at most 10"),
+def test_huge_arrays_are_refused_from_their_header_before_any_inflation():
+    """A header claiming 10^15 voxels, or a gzip bomb (128 MiB of zeros in 127 KiB), is refused
+    by the shape in its header, and a bomb on the model grid by its trailing data: never
+    inflated in full (the peak of memory allocated stays far below the bomb's 128 MiB)."""
+    grid = (64, 64, 64)
+    huge = base64.b64encode(_npy_header((10**5,) * 3)).decode()
+    bomb = gzip.compress(_npy_header((512, 512, 512)) + bytes(128 * 2**20), 9)
+    on_grid = gzip.compress(_npy_header(grid) + bytes(64**3 + 128 * 2**20), 9)
+    assert len(bomb) < 2**17 and len(on_grid) < 2**17
+    cases = [
+        (huge, r"shape \(100000, 100000, 100000\) does not match the model grid"),
+        (base64.b64encode(bomb).decode(), r"shape \(512, 512, 512\) does not match"),
+        (base64.b64encode(on_grid).decode(), "the stream holds more"),
     ]
-    for text, message in bad:
+    tracemalloc.start()
+    try:
+        for text, message in cases:
+            with pytest.raises(FieldError, match=message):
+                decode_mask("lungs", text, grid)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated to refuse them"
+
+
+def test_images_decode_or_name_the_field():
+    grid = (4, 4, 4)
+    hu = np.full(grid, -1000, np.int16)
+    assert decode_image(_b64(hu, zipped=True), grid).dtype == np.float32
+    bad = [
+        (_b64(np.zeros((4, 4))), grid, "does not match the model grid"),
+        (_b64(np.full(grid, np.nan, np.float32)), grid, "must be finite"),
+        (_b64(np.zeros(grid, bool)), grid, "dtype bool is not accepted; valid: int, uint, float"),
+        (_b64(np.zeros(grid, np.complex64)), grid, "dtype complex64 is not accepted"),
+        (_b64(hu), (2, 2, 2), r"shape \(4, 4, 4\) does not match the model grid \(2, 2, 2\)"),
+    ]
+    for text, expected, message in bad:
         with pytest.raises(FieldError, match=message) as info:
-            decode_image(text, 10 if "at most" in message else 10**6)
+            decode_image(text, expected)
         assert info.value.field == "image"
+
+
+def test_prompts_with_control_characters_are_refused_naming_the_field():
+    """Tab, LF and CR are text; NUL, ESC, DEL, C1 controls and U+2028/U+2029 are refused,
+    naming the field and the character, by the published bodies as by the base ones."""
+    assert PreviewRequest(prompt="Effusion.\r\n\tLeft.").prompt == "Effusion.\r\n\tLeft."
+    preview, volume, segmentation = published_models(parse_serve_config({}))
+    for char in ("\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029"):
+        for model, body, name in (
+            (PreviewRequest, {"prompt": f"a{char}"}, "prompt"),
+            (volume, {"prompt": "x", "negative_prompt": f"a{char}"}, "negative_prompt"),
+            (segmentation, {"image": "AAAA", "prompt": f"a{char}"}, "prompt"),
+            (preview, {"prompt": f"a{char}"}, "prompt"),
+        ):
+            with pytest.raises(ValidationError) as info:
+                model(**body)
+            (e,) = info.value.errors()
+            assert e["loc"] == (name,) and f"U+{ord(char):04X} at index 1" in e["msg"]
+    with pytest.raises(ValidationError, match="at most 2000 characters"):
+        segmentation(image="AAAA", prompt="x" * 2001)  # the limit is in the published schema
+    schema = segmentation.model_json_schema()["properties"]["prompt"]
+    assert schema["maxLength"] == 2000 and "no control characters" in schema["description"]
 
 
 def test_a_segmentation_job_returns_the_sampled_anatomy_as_a_label_map(generator):
@@ -191,12 +267,14 @@ def test_a_segmentation_job_returns_the_sampled_anatomy_as_a_label_map(generator
     hu = np.random.default_rng(0).integers(-1000, 1000, grid).astype(np.int16)
     body = SegmentationRequest(image=_b64(hu, zipped=True), seed=4, steps=2, model="small")
     cfg = parse_serve_config({"models": {"small": "builtin:demo"}, "default_model": "small"})
-    model, request = resolve(body, cfg, "segmentation")
-    (result,) = run_batch(generator, model, [Job(model, request, "segmentation")])
+    job = resolve(body, cfg, "segmentation")
+    assert job.request.image is None and job.image == body.image  # decoded by the replica
+    model = job.model
+    (result,) = run_batch(generator, model, [job])
     assert result.status == 200 and result.media_type == "application/gzip"
     labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(result.body)).dataobj)
     legend = {int(k): v for k, v in json.loads(result.headers["X-Anatomy-Legend"]).items()}
-    (volume,) = generator.generate([request])
+    (volume,) = generator.generate([with_arrays(job, grid).request])
     masks = channels_from_labels(labels, legend, ("lungs", "heart"))
     assert np.array_equal(masks[0], volume.masks["lungs"])
     assert np.array_equal(masks[1], volume.masks["heart"])
@@ -205,6 +283,13 @@ def test_a_segmentation_job_returns_the_sampled_anatomy_as_a_label_map(generator
     wrong = Request("", seed=1, steps=2, image=np.zeros((8, 8, 8)))
     (refused,) = run_batch(generator, model, [Job(model, wrong, "segmentation")])
     assert refused.status == 422 and refused.field == "image"
+    off_grid = Job(model, Request("", seed=1, steps=2), "segmentation", image=_b64(hu[:8]))
+    (refused,) = run_batch(generator, model, [off_grid])
+    assert refused.status == 422 and refused.field == "image"
+    assert (
+        refused.error
+        == f"image: shape (8, {grid[1]}, {grid[2]}) does not match the model grid {grid}"
+    )
 
 
 def test_run_batch_renders_every_format_and_reports_bad_jobs(generator, tmp_path):

@@ -2,8 +2,9 @@
 
 One application for the module: two small random models (``small``, ``other``), one model
 per replica (so switching evicts), batches of up to 4 gathered for 0.5 s, at most 6 requests
-in flight and 2 queued per caller, an API key required. Also: the OpenAPI spec fuzzed with
-schemathesis, and the web page driven in headless Chromium.
+in flight and 2 queued per caller, bodies of at most 64 KiB received within 5 s, an API key
+required. Also: the OpenAPI spec fuzzed with schemathesis, and the web page driven in headless
+Chromium.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -21,8 +23,9 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPResponse
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import nibabel as nib
 import numpy as np
@@ -97,6 +100,7 @@ def http(cluster, models):
             "default_steps": 2,
             "max_prompt_chars": 300,
             "max_body_bytes": 65536,
+            "body_timeout_s": 5,
             "max_ongoing_requests": 6,
             "max_queued_requests": 2,
             "request_timeout_s": 120,
@@ -217,8 +221,22 @@ def test_findings_masks_zarr_and_preview(http, tmp_path):
     assert status == 422 and json.loads(data)["field"] == "image"
 
 
+def npy_header(shape: tuple) -> bytes:
+    """A uint8 .npy header claiming ``shape``, with no data after it."""
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": shape}).encode()
+    text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+
+
+HUGE_MASK = base64.b64encode(npy_header((10**5,) * 3)).decode()  # 10^15 voxels, claimed
+# A gzip bomb: 16 MiB of zeros in 22 KiB of base64, under this server's 64 KiB body limit
+BOMB_MASK = base64.b64encode(gzip.compress(npy_header((256,) * 3) + bytes(2**24), 9)).decode()
 BAD = [
     ("malformed JSON", {"raw": b'{"prompt": "x",'}, 422, "body"),
+    ("not UTF-8", {"raw": b'{"prompt": "\xff"}'}, 400, "body"),
+    ("NUL in the prompt", {"body": {"prompt": "a\x00b"}}, 422, "prompt"),
+    ("ESC", {"body": {"prompt": "x", "negative_prompt": "\x1b[2J"}}, 422, "negative_prompt"),
+    ("U+2028 in the prompt", {"body": {"prompt": "a\u2028b"}}, 422, "prompt"),
     ("neither prompt nor findings", {"body": {"seed": 1}}, 422, "body"),
     ("wrong type", {"body": {"prompt": "x", "steps": "many"}}, 422, "steps"),
     ("steps over the limit", {"body": {"prompt": "x", "steps": 5}}, 422, "steps"),
@@ -231,6 +249,8 @@ BAD = [
     ("unknown key", {"body": {"prompt": "x", "colour": "red"}}, 422, "colour"),
     ("unknown format", {"body": {"prompt": "x", "format": "dicom"}}, 422, "format"),
     ("mask of the wrong grid", {"body": {"prompt": "x", "masks": {"lungs": "AAAA"}}}, 422, "masks"),
+    ("10^15 voxels", {"body": {"prompt": "x", "masks": {"lungs": HUGE_MASK}}}, 422, "masks.lungs"),
+    ("gzip bomb", {"body": {"prompt": "x", "masks": {"lungs": BOMB_MASK}}}, 422, "masks.lungs"),
     ("oversized body", {"raw": b'{"prompt": "' + b"x" * 70000 + b'"}'}, 413, "body"),
     ("missing API key", {"body": {"prompt": "x"}, "key": None}, 401, "X-API-Key"),
     ("wrong API key", {"body": {"prompt": "x"}, "key": "guess"}, 401, "X-API-Key"),
@@ -245,6 +265,52 @@ def test_bad_input_gets_a_4xx_naming_the_field(http, case, kwargs, code, field):
     assert error["field"].startswith(field) and error["error"]
     if case == "unknown finding":
         assert "did you mean 'pleural_effusion'" in error["error"]
+    if case in ("10^15 voxels", "gzip bomb"):  # refused from the header: shape and grid named
+        assert "does not match the model grid (32, 32, 32)" in error["error"]
+
+
+def send_slowly(base: str, length: int, chunks, pause_s: float) -> tuple[int, dict, int]:
+    """POST /v1/volumes declaring ``length`` body bytes, then ``chunks`` with ``pause_s``
+    between them, stopping once the server answers: (status, JSON body, body bytes sent)."""
+    url = urlsplit(base)
+    head = (
+        f"POST /v1/volumes HTTP/1.1\r\nHost: {url.netloc}\r\nX-API-Key: {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(head.encode())
+        sent = 0
+        for chunk in chunks:
+            if select.select([sock], [], [], pause_s)[0]:  # answered
+                break
+            try:
+                sock.sendall(chunk)
+            except OSError:  # closed by the server, which has answered
+                break
+            sent += len(chunk)
+        response = HTTPResponse(sock)
+        response.begin()  # a server that never answers fails this with the socket's timeout
+        return response.status, json.loads(response.read()), sent
+
+
+def test_slow_and_oversized_bodies_get_a_4xx_and_the_server_serves_on(http):
+    """A body trickled a byte at a time gets 408 after limits.body_timeout_s (5 s here) while
+    other requests are served; a declared 10 MB prompt gets 413 before its body is read; and
+    the next ordinary request succeeds."""
+    trickle = (b"{" for _ in range(60))  # 30 s of it at most; the server answers long before
+    ordinary = {"prompt": "Emphysema.", "seed": 5, "format": "npy"}
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(send_slowly, http.base, 1000, trickle, 0.5)
+        served = pool.submit(http.post, "/v1/volumes", ordinary)
+        status, error, sent = slow.result()
+        assert served.result()[0] == 200
+    assert status == 408 and error["field"] == "body" and 0 < sent < 1000, error
+    assert "not received within 5 s" in error["error"]
+    prompt = b'{"prompt": "' + b"x" * 10_000_000 + b'"}'
+    chunks = (prompt[i : i + 65536] for i in range(0, len(prompt), 65536))
+    status, error, sent = send_slowly(http.base, len(prompt), chunks, 1.0)
+    assert status == 413 and error["field"] == "body" and sent < len(prompt), error
+    assert http.post("/v1/volumes", ordinary)[0] == 200
 
 
 def test_concurrent_requests_share_a_batch(http):
