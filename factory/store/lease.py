@@ -6,7 +6,8 @@ A lease is a numbered object ``lease/{generation}.json`` under the cohort root h
 holder's host, process, start and last heartbeat. The live lease is the highest generation: a
 run takes the next number, and only one run can create it. A run that finds the highest one
 fresh refuses, naming its holder; one whose heartbeat is older than its time-to-live, that was
-released, or that this same process holds is taken over by creating the next number. A holder
+released, that this same process holds, or whose process on this host is gone (killed) is
+taken over by creating the next number. A holder
 checks at every heartbeat that no next number exists: if it was paused past its expiry and
 another run took over, it stops. The clocks of the machines sharing a cohort must agree to
 well within the time-to-live.
@@ -58,6 +59,19 @@ class Holder:
         """Whether this process holds it (a second prepare_run here takes it over)."""
         return (self.host, self.pid) == (socket.gethostname(), os.getpid())
 
+    def running(self) -> bool:
+        """Whether the holder's process may still run: one on this host that is gone (killed,
+        crashed) is known dead at once, without waiting for its lease to expire."""
+        if self.host != socket.gethostname():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: alive
+            return True
+        return True
+
     def live(self, now: float) -> bool:
         return not self.released and now - self.renewed_at < self.ttl_s
 
@@ -102,7 +116,7 @@ class Lease:
         latest = self._latest()
         current = self._read(latest) if latest else None
         now = time.time()
-        if current is not None and current.live(now) and not current.ours():
+        if current is not None and current.live(now) and not current.ours() and current.running():
             raise self._busy(current, now)
         holder = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now, self.ttl)
         created = retrying(
