@@ -64,6 +64,12 @@ class Run:
         if self.lease is not None:
             self.lease.release()
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 @dataclass
 class Totals:
@@ -522,97 +528,86 @@ def generate_cohort(
     The run's write lease is checked at every batch and given back at the end, however the
     run ends; a volume gets one manifest row, however often a retried task reports it.
     """
-    try:
-        return _generate(run, workers, gpus_per_worker, batch_size, loader, progress,
-                         node_wait_s, in_flight)  # fmt: skip
-    finally:
-        run.release()
+    with run:  # the write lease is given back however the run ends
+        import ray
 
+        from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray
 
-def _generate(
-    run: Run,
-    workers: int | tuple[int, int],
-    gpus_per_worker: float | None,
-    batch_size: int,
-    loader: Callable,
-    progress: Callable[[list[dict]], None] | None,
-    node_wait_s: float,
-    in_flight: int,
-) -> Totals:
-    import ray
+        totals = Totals()
+        if run.todo.num_rows == 0:
+            return totals
+        lo, hi = (workers, workers) if isinstance(workers, int) else workers
+        init_ray(hi)
+        gpus = gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if cluster_has_gpus() else 0.0
+        threads = None if gpus else cpu_threads(hi)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # ours shows volumes, rate and ETA
+        ds = ray.data.from_arrow(blocks(run.todo, batch_size))
+        results = ds.map_batches(
+            VolumeWriter,
+            fn_constructor_kwargs={
+                "url": run.url,
+                "storage_options": run.storage_options,
+                "settings": run.settings,
+                "threads": threads,
+                "loader": loader,
+            },
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=lo,
+                max_size=hi,
+                max_concurrent_calls_per_actor=in_flight,
+                enable_true_multi_threading=in_flight > 1,
+            ),
+            num_gpus=gpus,
+            num_cpus=0 if gpus else threads,
+            zero_copy_batch=True,
+        )
+        store = CohortStore(run.url, run.storage_options)
+        start = time.perf_counter()
+        pending: list[dict] = []
+        last = time.monotonic()
+        need = {"GPU": gpus} if gpus else {"CPU": float(threads or 1)}
+        capacity = capacity_check(need, node_wait_s, lambda: run.done_before + totals.written)
 
-    from factory.raycluster import cluster_has_gpus, cpu_threads, init_ray
-
-    totals = Totals()
-    if run.todo.num_rows == 0:
-        return totals
-    lo, hi = (workers, workers) if isinstance(workers, int) else workers
-    init_ray(hi)
-    gpus = gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if cluster_has_gpus() else 0.0
-    threads = None if gpus else cpu_threads(hi)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours shows volumes, rate and ETA
-    ds = ray.data.from_arrow(blocks(run.todo, batch_size))
-    results = ds.map_batches(
-        VolumeWriter,
-        fn_constructor_kwargs={
-            "url": run.url,
-            "storage_options": run.storage_options,
-            "settings": run.settings,
-            "threads": threads,
-            "loader": loader,
-        },
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(
-            min_size=lo,
-            max_size=hi,
-            max_concurrent_calls_per_actor=in_flight,
-            enable_true_multi_threading=in_flight > 1,
-        ),
-        num_gpus=gpus,
-        num_cpus=0 if gpus else threads,
-        zero_copy_batch=True,
-    )
-    store = CohortStore(run.url, run.storage_options)
-    start = time.perf_counter()
-    pending: list[dict] = []
-    last = time.monotonic()
-    need = {"GPU": gpus} if gpus else {"CPU": float(threads or 1)}
-    capacity = capacity_check(need, node_wait_s, lambda: run.done_before + totals.written)
-
-    def check() -> None:
-        if run.lease is not None:
-            run.lease.check()
-        capacity()
-
-    listed: set[str] = set()  # volumes given a manifest row by this run
-    try:
-        batches = results.iter_batches(batch_size=None, batch_format="pyarrow")
-        for batch in watched(batches, check):
+        def check() -> None:
             if run.lease is not None:
                 run.lease.check()
-            rows = batch.to_pylist()
-            totals.add(rows)
-            failed = [r for r in rows if r["status"] == "failed"]
-            fresh = [r for r in rows if r["status"] != "failed" and r["volume_id"] not in listed]
-            listed.update(r["volume_id"] for r in fresh)
-            pending += fresh
-            if failed:
-                raise GenerationError(failed[0]["error"])
-            if progress is not None:
-                progress(rows)
-            if len(pending) >= MANIFEST_FLUSH_ROWS or time.monotonic() - last >= MANIFEST_FLUSH_S:
-                flushing, pending, last = pending, [], time.monotonic()
-                totals.manifest_parts += bool(store.write_manifest(flushing))
-    except BaseException:
-        # What was committed reaches the manifest, in one try: the run is failing, perhaps for
-        # the store itself, and the markers hold these rows for the next run to recover.
-        with contextlib.suppress(StoreError):
-            totals.manifest_parts += bool(store.write_manifest(pending, delays=()))
-        raise
-    totals.manifest_parts += bool(store.write_manifest(pending))
-    totals.wall_s = time.perf_counter() - start
-    return totals
+            capacity()
+
+        listed: set[str] = set()  # volumes given a manifest row by this run
+        try:
+            batches = results.iter_batches(batch_size=None, batch_format="pyarrow")
+            for batch in watched(batches, check):
+                if run.lease is not None:
+                    run.lease.check()
+                rows = batch.to_pylist()
+                totals.add(rows)
+                failed = [r for r in rows if r["status"] == "failed"]
+                fresh = [
+                    r for r in rows if r["status"] != "failed" and r["volume_id"] not in listed
+                ]
+                listed.update(r["volume_id"] for r in fresh)
+                pending += fresh
+                if failed:
+                    raise GenerationError(failed[0]["error"])
+                if progress is not None:
+                    progress(rows)
+                if (
+                    len(pending) >= MANIFEST_FLUSH_ROWS
+                    or time.monotonic() - last >= MANIFEST_FLUSH_S
+                ):
+                    flushing, pending, last = pending, [], time.monotonic()
+                    totals.manifest_parts += bool(store.write_manifest(flushing))
+        except BaseException:
+            # What was committed reaches the manifest, in one try: the run is failing, perhaps for
+            # the store itself, and the markers hold these rows for the next run to recover.
+            with contextlib.suppress(StoreError):
+                totals.manifest_parts += bool(store.write_manifest(pending, delays=()))
+            raise
+        totals.manifest_parts += bool(store.write_manifest(pending))
+        totals.wall_s = time.perf_counter() - start
+        return totals
