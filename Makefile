@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ct-factory-installed
 
-.PHONY: demo demo-model demo-classifier test lint format install browser clean
+.PHONY: demo demo-model demo-classifier test lint format install browser niivue clean
 
 install: $(STAMP)
 
@@ -92,6 +92,38 @@ $(BROWSER):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
+# NiiVue, the 3D viewer of `ctfactory view` and of the serve page: one prebuilt browser bundle
+# from the npm registry at a pinned version, committed (CI has no npm) with its sha256, NiiVue's
+# licence and the licences of the packages bundled into it. `make niivue` refreshes it; change
+# NIIVUE_VERSION to move to another release, then run the viewer tests.
+NIIVUE_VERSION ?= 0.69.0
+NIIVUE_DIR := factory/viewer/static
+NIIVUE_NPM := build/niivue/node_modules
+niivue:
+	rm -rf build/niivue
+	npm install --prefix build/niivue --no-save --ignore-scripts --no-audit --no-fund \
+	  @niivue/niivue@$(NIIVUE_VERSION)
+	@licence=$$(node -p "require('./$(NIIVUE_NPM)/@niivue/niivue/package.json').license"); \
+	test "$$licence" = BSD-2-Clause || { echo "NiiVue's licence is now $$licence:" \
+	  "review it and $(NIIVUE_DIR)/LICENSE.niivue before vendoring"; exit 1; }
+	cp $(NIIVUE_NPM)/@niivue/niivue/dist/niivue.umd.js $(NIIVUE_DIR)/niivue.umd.js
+	cd $(NIIVUE_DIR) && sha256sum niivue.umd.js > niivue.umd.js.sha256
+	@{ echo "niivue.umd.js is NiiVue $(NIIVUE_VERSION) (npm @niivue/niivue, BSD-2-Clause, see"; \
+	  echo "LICENSE.niivue), its dist/niivue.umd.js as published; sha256 in niivue.umd.js.sha256."; \
+	  echo "It bundles these packages (NiiVue's build metafile), whose licences follow."; \
+	  for pkg in $$(node -e 'const m = require(process.argv[1]); const s = new Set(); \
+	    for (const k of Object.keys(m.inputs)) { const p = k.split("node_modules/"); \
+	    if (p.length < 2) continue; const a = p.pop().split("/"); \
+	    s.add(a[0].startsWith("@") ? a[0] + "/" + a[1] : a[0]); } \
+	    console.log([...s].sort().join("\n"))' \
+	    ./$(NIIVUE_NPM)/@niivue/niivue/dist/metafile-esm.json); do \
+	    dir=$(NIIVUE_NPM)/$$pkg; \
+	    echo; echo "==== $$pkg $$(node -p "const p = require('./$$dir/package.json'); \
+	      p.version + ' (' + p.license + ')'")"; \
+	    cat $$(ls -d $$dir/* | grep -i '/licen[cs]e[^/]*$$' | head -1) || exit 1; \
+	  done; } > $(NIIVUE_DIR)/NOTICE.niivue
+	@echo "vendored NiiVue $(NIIVUE_VERSION): $$(cat $(NIIVUE_DIR)/niivue.umd.js.sha256)"
 
 test: lint $(BROWSER)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

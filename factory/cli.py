@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "factory.plan",
     "factory.generate",
     "factory.store.cli",
+    "factory.viewer.cli",
     "factory.evaluate.cli",
     "factory.card",
     "factory.import_model",

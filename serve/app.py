@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from factory import vocab
 from factory.models.checkpoint import CheckpointError, describe
 from factory.raycluster import cluster_has_gpus
+from factory.viewer import STATIC as VIEWER_STATIC
 from serve.config import ServeConfig, parse_serve_config
 from serve.generator import GeneratorDeployment, Result
 from serve.schemas import (
@@ -205,6 +206,7 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
                 "X-Seed",
                 "X-Model-Hash",
                 "X-Prompt",
+                "X-Anatomy",
                 "X-Anatomy-Legend",
             ],
         )
@@ -352,6 +354,7 @@ def make_api(cfg: ServeConfig, backend: Backend, api_key: str | None = None) -> 
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/viewer", StaticFiles(directory=VIEWER_STATIC), name="viewer")  # NiiVue, offline
     return app
 
 

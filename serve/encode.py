@@ -24,6 +24,7 @@ MEDIA_TYPES = {
     "zarr": "application/zip",
     "png": "image/png",
     "segmentation": "application/gzip",
+    "anatomy": "application/gzip",
 }
 SUFFIXES = {
     "nifti": ".nii.gz",
@@ -31,6 +32,7 @@ SUFFIXES = {
     "zarr": ".zarr.zip",
     "png": ".png",
     "segmentation": ".anatomy.nii.gz",
+    "anatomy": ".anatomy.nii.gz",
 }
 PREVIEW_PX = 192  # longest side of each plane in the preview
 

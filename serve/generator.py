@@ -90,7 +90,7 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
         body = nifti_bytes(np.asarray(volume.hu, np.int16), volume.affine)
     elif job.output == "npy":
         body = npy_bytes(volume)
-    elif job.output == "segmentation":  # the sampled anatomy, one label map and its legend
+    elif job.output in LABEL_MAPS:  # the sampled anatomy, one label map and its legend
         labels, legend = pack_channels(volume.masks)
         body = nifti_bytes(labels, volume.affine)
     else:
@@ -108,11 +108,16 @@ def encode(generator: Generator, model_id: str, job: Job, volume) -> Result:
         "X-Spacing-Mm": ",".join(f"{s:g}" for s in volume.spacing),
         "Content-Disposition": f'attachment; filename="{vid}{SUFFIXES[job.output]}"',
     }
-    if job.output == "segmentation":
+    if volume.masks:  # what format: anatomy would return for this volume
+        headers["X-Anatomy"] = ",".join(volume.masks)
+    if job.output in LABEL_MAPS:
         headers["X-Anatomy-Legend"] = json.dumps({str(k): v for k, v in legend.items()})
     if "negative_prompt" in volume.sampler:  # what guidance steered away from
         headers["X-Negative-Prompt"] = header_text(volume.sampler["negative_prompt"])
     return Result(body=body, media_type=MEDIA_TYPES[job.output], headers=headers)
+
+
+LABEL_MAPS = ("segmentation", "anatomy")  # outputs that are the anatomy's label map
 
 
 def run_batch(
@@ -129,6 +134,8 @@ def run_batch(
         try:
             jobs[i] = with_arrays(job, grid)
             generator.check(jobs[i].request, i)
+            if job.output == "anatomy" and not generator.config.diffusion.anatomy_channels:
+                raise FieldError("format", f"the model {model_id} makes no anatomy masks")
             valid.append(i)
         except FieldError as exc:
             results[i] = Result(status=422, error=str(exc), field=exc.field)

@@ -149,8 +149,10 @@ class SegmentationRequest(BaseModel):
 
 
 class VolumeRequest(PreviewRequest):
-    format: Literal["nifti", "npy", "zarr"] = Field(
-        "nifti", description="nifti: .nii.gz int16 HU; npy: int16 HU; zarr: a zip store"
+    format: Literal["nifti", "npy", "zarr", "anatomy"] = Field(
+        "nifti",
+        description="nifti: .nii.gz int16 HU; npy: int16 HU; zarr: a zip store; anatomy: the "
+        "volume's anatomy as a .nii.gz uint8 label map, its legend in X-Anatomy-Legend",
     )
 
 
@@ -194,7 +196,7 @@ class Job:
 
     model: str
     request: Request
-    output: str  # nifti, npy, zarr, png or segmentation
+    output: str  # nifti, npy, zarr, png, anatomy or segmentation
     masks: dict[str, str] = dataclasses.field(default_factory=dict)  # channel -> base64 .npy
     image: str | None = None  # base64 .npy of HU
 

@@ -1,5 +1,5 @@
 """Headless Debian Chromium through its ChromeDriver (installed by `make browser`), shared by the
-web page and QC report tests."""
+web page, cohort viewer and QC report tests."""
 
 from __future__ import annotations
 
@@ -22,10 +22,30 @@ def chromium():
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # WebGL2 (the NiiVue viewer) on SwiftShader, the software renderer: the pages are ours.
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync",
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
+        "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
     ):  # fmt: skip
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def canvas_pixels(driver, selector: str = ".ct-viewer canvas"):
+    """What a canvas shows now (the 3D viewer's by default), as an RGB numpy array."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    png = driver.find_element(By.CSS_SELECTOR, selector).screenshot_as_png
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+# Run before a page's scripts: the page sees a browser without WebGL2.
+NO_WEBGL2 = """const getContext = HTMLCanvasElement.prototype.getContext;
+HTMLCanvasElement.prototype.getContext = function (kind, ...rest) {
+  return kind === "webgl2" ? null : getContext.call(this, kind, ...rest);
+};"""

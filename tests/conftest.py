@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -50,11 +51,11 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.fixture
-def s3():
-    """A moto S3 server on 127.0.0.1 with buckets ``runs-bucket`` and ``cohorts``: a dict with
-    its ``options`` (s3fs storage options), ``server`` and ``port``. A test may stop the server
-    and start another on the same port: moto keeps the objects in this process."""
+@contextlib.contextmanager
+def moto_s3():
+    """A moto S3 server on 127.0.0.1 with buckets ``runs-bucket`` and ``cohorts``: yields a dict
+    with its ``options`` (s3fs storage options), ``server`` and ``port``. A test may stop the
+    server and start another on the same port: moto keeps the objects in this process."""
     import s3fs
     from moto.server import ThreadedMotoServer
 
@@ -66,5 +67,14 @@ def s3():
     for bucket in ("runs-bucket", "cohorts"):
         fs.makedirs(bucket, exist_ok=True)  # moto keeps buckets across servers
     state = {"server": server, "port": port, "options": options}
-    yield state
-    state["server"].stop()
+    try:
+        yield state
+    finally:
+        state["server"].stop()
+
+
+@pytest.fixture
+def s3():
+    """A moto S3 server for one test (see :func:`moto_s3`)."""
+    with moto_s3() as state:
+        yield state

@@ -3,7 +3,8 @@ plus the same figures as PNG, written under the cohort's ``report/``.
 
 Sections: requested vs planned vs stored vs verified prevalence per finding, the co-occurrence
 matrix, demographics, the metrics of ``ctfactory eval`` with the real reference beside them (when
-``report/eval.json`` exists), a montage per finding and the model's prompt-pair pictures.
+``report/eval.json`` exists), a montage per finding (each row's volume ids beside it, to open
+in ``ctfactory view``) and the model's prompt-pair pictures.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import html
 import json
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pandas as pd
 
 from factory import vocab
 from factory.evaluate.measure import row_finding
-from factory.evaluate.run_summary import montage_png
+from factory.evaluate.run_summary import montage_picks, montage_png
 from factory.schema import RunSettings
 from factory.store.cohort import REPORT, CohortStore
 from factory.viz import figure_png, pyplot
@@ -128,6 +130,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def montage_index_html(url: str, manifest: pd.DataFrame) -> str:
+    """The volumes of each montage row, by id, and how to open one in ``ctfactory view``."""
+    picks = montage_picks(manifest)
+    command = f"ctfactory view {shlex.quote(url)} --volume {shlex.quote(picks[0][1][0])}"
+    return (
+        _table(["montage row", "volumes, left to right"], [[f, ", ".join(i)] for f, i in picks])
+        + f"<p>Open any of them in the 3D viewer, with its record: <code>{html.escape(command)}"
+        + "</code> (docs/viewing.md).</p>"
+    )
 
 
 def metrics_html(result: Mapping | None) -> str:
@@ -265,6 +278,7 @@ def build_report(store: CohortStore, model_images: Mapping[str, bytes] | None = 
         "</section>",
         '<section id="montage"><h2>Montage per finding</h2>',
         _img(figures["qc-montage.png"], "montage") if "qc-montage.png" in figures else "",
+        montage_index_html(store.url, manifest) if len(manifest) else "",
         "</section>",
         '<section id="pairs"><h2>Prompt pairs (from the model card)</h2>',
         "".join(_img(data, name) for name, data in sorted(pairs.items()))

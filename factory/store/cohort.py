@@ -311,14 +311,24 @@ class CohortStore:
         return self.write_manifest(rows), listed | {r["volume_id"] for r in rows}
 
     # ----- reading ----------------------------------------------------------------------------
-    def read_manifest(self) -> pd.DataFrame:
-        """One row per committed volume (the cohort's index), in plan order."""
+    def read_manifest(self, seen: dict[str, pa.Table] | None = None) -> pd.DataFrame:
+        """One row per committed volume (the cohort's index), in plan order.
+
+        A long-lived reader of a cohort still being written passes ``seen`` (part -> table,
+        kept between calls): the listing is then made afresh, not from the filesystem's cache,
+        and only parts not read before are fetched (a part, once written, never changes).
+        """
+        fresh = {} if seen is None else {"refresh": True}
         try:
-            listing = self.fs.ls(self._p(MANIFEST), detail=False)
+            listing = self.fs.ls(self._p(MANIFEST), detail=False, **fresh)
             parts = sorted(p for p in listing if p.endswith(".parquet"))
         except FileNotFoundError:
             parts = []
-        tables = [pq.read_table(io.BytesIO(self.fs.cat_file(p))) for p in parts]
+        cache = {} if seen is None else seen
+        for part in parts:
+            if part not in cache:
+                cache[part] = pq.read_table(io.BytesIO(self.fs.cat_file(part)))
+        tables = [cache[p] for p in parts]
         if not tables:
             return MANIFEST_SCHEMA.empty_table().to_pandas()
         # Parts written before a column existed read it as null.

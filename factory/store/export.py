@@ -20,6 +20,18 @@ from factory.anatomy import LEGEND_FILE, legend_bytes, pack_channels
 from factory.data.ctrate import volume_name, write_tables
 from factory.data.nifti import nifti_bytes, write_atomic
 from factory.store.cohort import CohortStore
+from factory.store.layout import StoredVolume
+
+
+def hu_nifti(volume: StoredVolume) -> bytes:
+    """A stored volume's HU as .nii.gz: int16 with the stored affine (what export writes)."""
+    return nifti_bytes(volume.hu, volume.affine)
+
+
+def anatomy_nifti(volume: StoredVolume) -> tuple[bytes, dict[int, str]]:
+    """A stored volume's anatomy channels as one uint8 label map .nii.gz and its legend."""
+    packed, legend = pack_channels(volume.masks)
+    return nifti_bytes(packed, volume.affine), legend
 
 
 def export_nifti(
@@ -42,10 +54,10 @@ def export_nifti(
     for row in tqdm(manifest.to_dict("records"), unit="vol", desc="export", mininterval=1.0):
         volume = cohort.volume(row["volume_id"])
         name = volume_name(split, int(row["index"]))
-        write_atomic(out / split / name, nifti_bytes(volume.hu, volume.affine))
+        write_atomic(out / split / name, hu_nifti(volume))
         if volume.masks:
-            packed, legend = pack_channels(volume.masks)
-            write_atomic(out / "masks" / split / name, nifti_bytes(packed, volume.affine))
+            labels_file, legend = anatomy_nifti(volume)
+            write_atomic(out / "masks" / split / name, labels_file)
         labels.append({"VolumeName": name, **{c: int(row[c]) for c in vocab.COLUMNS}})
         reports.append({"VolumeName": name, "Findings_EN": row["prompt"], "Impressions_EN": ""})
         sx, sy, sz = volume.spacing

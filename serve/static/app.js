@@ -1,9 +1,12 @@
-// ct-factory web page: builds the same JSON body as the API docs show, posts it to
-// /v1/previews for the picture and to /v1/volumes for the NIfTI download.
+// ct-factory web page: builds the same JSON body as the API docs show and posts it to
+// /v1/volumes: the NIfTI is shown in the 3D viewer (/viewer/viewer.js) and is what Download
+// saves. Without WebGL2 the page posts it to /v1/previews for the PNG picture instead.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let lastBody = null;
+let lastNifti = null; // {blob, name}: the volume in the viewer
+let viewer = null;
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -34,15 +37,6 @@ function status(text, isError) {
   $("status").className = isError ? "error" : "";
 }
 
-async function failure(response) {
-  try {
-    const e = await response.json();
-    return `${response.status}: ${e.error}`;
-  } catch (_) {
-    return `${response.status} ${response.statusText}`;
-  }
-}
-
 function showProvenance(response) {
   const rows = [
     ["Seed", response.headers.get("X-Seed")],
@@ -63,6 +57,54 @@ function showProvenance(response) {
   }
 }
 
+async function post(path, b) {
+  return fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(b) });
+}
+
+/** A loader of the anatomy of the volume ``b`` asks for (its seed fixed): the server keeps no
+ * volumes, so the same request is sampled again, as format anatomy, when the overlay is first
+ * switched on. */
+function anatomyOf(b) {
+  return async () => {
+    const response = await post("/v1/volumes", { ...b, format: "anatomy" });
+    if (!response.ok) throw new Error(await CtViewer.failure(response));
+    const legend = JSON.parse(response.headers.get("X-Anatomy-Legend") || "{}");
+    return { buffer: await response.arrayBuffer(), legend };
+  };
+}
+
+/** The volume as NIfTI, shown in the viewer; its response, or null after an error. */
+async function showVolume(b) {
+  const response = await post("/v1/volumes", { ...b, format: "nifti" });
+  if (!response.ok) {
+    status(await CtViewer.failure(response), true);
+    return null;
+  }
+  const blob = await response.blob();
+  const name = `${response.headers.get("X-Volume-Id")}.nii.gz`;
+  $("viewer").hidden = false; // laid out before NiiVue sizes its canvas
+  viewer = viewer || new CtViewer.Viewer($("viewer"));
+  const seed = Number(response.headers.get("X-Seed"));
+  const masks = response.headers.get("X-Anatomy") ? anatomyOf({ ...b, seed }) : null;
+  await viewer.show(await blob.arrayBuffer(), name, masks);
+  lastNifti = { blob, name };
+  return response;
+}
+
+/** The PNG preview, where the viewer cannot run; its response, or null after an error. */
+async function showPreview(b) {
+  const response = await post("/v1/previews", b);
+  if (!response.ok) {
+    status(await CtViewer.failure(response), true);
+    return null;
+  }
+  const img = $("preview");
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(await response.blob());
+  img.hidden = false;
+  return response;
+}
+
 async function generate(event) {
   event.preventDefault();
   const b = body();
@@ -70,16 +112,8 @@ async function generate(event) {
   status("Generating…", false);
   const started = performance.now();
   try {
-    const response = await fetch("/v1/previews", { method: "POST", headers: headers(), body: JSON.stringify(b) });
-    if (!response.ok) {
-      status(await failure(response), true);
-      return;
-    }
-    const blob = await response.blob();
-    const img = $("preview");
-    if (img.src) URL.revokeObjectURL(img.src);
-    img.src = URL.createObjectURL(blob);
-    img.hidden = false;
+    const response = CtViewer.supported() ? await showVolume(b) : await showPreview(b);
+    if (!response) return;
     b.seed = Number(response.headers.get("X-Seed")); // the download is the same volume
     lastBody = b;
     $("download").disabled = false;
@@ -94,18 +128,20 @@ async function generate(event) {
 
 async function download() {
   if (!lastBody) return;
-  status("Generating the NIfTI…", false);
-  const response = await fetch("/v1/volumes", {
-    method: "POST", headers: headers(), body: JSON.stringify({ ...lastBody, format: "nifti" }),
-  });
-  if (!response.ok) {
-    status(await failure(response), true);
-    return;
+  let file = lastNifti; // null where the page showed the PNG preview
+  if (!file) {
+    status("Generating the NIfTI…", false);
+    const response = await post("/v1/volumes", { ...lastBody, format: "nifti" });
+    if (!response.ok) {
+      status(await CtViewer.failure(response), true);
+      return;
+    }
+    file = { blob: await response.blob(), name: `${response.headers.get("X-Volume-Id")}.nii.gz` };
   }
-  const url = URL.createObjectURL(await response.blob());
+  const url = URL.createObjectURL(file.blob);
   const a = document.createElement("a");
   a.href = url;
-  a.download = `${response.headers.get("X-Volume-Id")}.nii.gz`;
+  a.download = file.name;
   a.click();
   URL.revokeObjectURL(url);
   status("NIfTI downloaded", false);

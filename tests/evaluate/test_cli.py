@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,17 @@ def test_report_is_one_html_file_that_opens_in_chromium(setup, tmp_path, capsys)
         assert f'id="{section}"' in page, section
     assert "macro AUC (factual correctness)" in page and "fid 2 5d" in page
     assert 'src="http' not in page and 'src="data:image/png;base64,' in page  # self-contained
+    # Each montage row names its volumes, each with the row's finding; the viewer opens them.
+    montage = page.split('id="montage"')[1].split("</section>")[0]
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td></tr>", montage)
+    manifest = CohortStore(setup["cohort"]).read_manifest().set_index("volume_id")
+    assert rows and rows[-1][0] in (*vocab.COLUMNS, "No finding")
+    for finding, ids in rows:
+        labels = manifest.loc[ids.split(", "), list(vocab.COLUMNS)]
+        has = labels.sum(axis=1) == 0 if finding == "No finding" else labels[finding] == 1
+        assert has.all(), (finding, ids)
+    first = rows[0][1].split(", ")[0]
+    assert f"<code>ctfactory view {setup['cohort']} --volume {first}</code>" in page
     figures = sorted(p.name for p in (tmp_path / "qc").glob("*.png"))
     assert figures == [
         "qc-cooccurrence.png", "qc-demographics.png", "qc-montage.png", "qc-prevalence.png"

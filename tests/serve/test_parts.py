@@ -301,11 +301,13 @@ def test_run_batch_renders_every_format_and_reports_bad_jobs(generator, tmp_path
         Job("small", Request("x", seed=1, steps=2, masks={"liver": np.zeros(grid)}), "nifti"),
         Job("small", good, "zarr"),
         Job("small", good, "png"),
+        Job("small", good, "anatomy"),
     ]
     results = run_batch(generator, "small", jobs)
-    assert [r.status for r in results] == [200, 200, 422, 200, 200]
+    assert [r.status for r in results] == [200, 200, 422, 200, 200, 200]
     assert results[2].field == "masks.liver" and "valid: lungs, heart" in results[2].error
-    assert {r.headers["X-Batch-Size"] for r in results if r.status == 200} == {"4"}
+    assert {r.headers["X-Batch-Size"] for r in results if r.status == 200} == {"5"}
+    assert results[0].headers["X-Anatomy"] == "lungs,heart"  # what format anatomy returns
     vid = volume_id(generator.model_hash, good)
     assert results[0].headers["X-Volume-Id"] == vid and results[0].headers["X-Seed"] == "3"
 
@@ -321,6 +323,12 @@ def test_run_batch_renders_every_format_and_reports_bad_jobs(generator, tmp_path
     stored = read_volume(zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r"), vid)
     assert np.array_equal(stored.hu, hu) and set(stored.masks) == {"lungs", "heart"}
     assert stored.record["prompt"] == "Pleural effusion." and stored.record["seed"] == 3
+    # format anatomy: the same volume's masks as one label map, its legend in a header
+    labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(results[5].body)).dataobj)
+    legend = {int(k): v for k, v in json.loads(results[5].headers["X-Anatomy-Legend"]).items()}
+    masks = channels_from_labels(labels, legend, ("lungs", "heart"))
+    assert np.array_equal(masks[0], stored.masks["lungs"])
+    assert np.array_equal(masks[1], stored.masks["heart"])
 
     png = Image.open(io.BytesIO(results[4].body))
     assert png.format == "PNG" and png.width > 3 * 150 and png.height > 2 * 150

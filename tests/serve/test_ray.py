@@ -35,7 +35,7 @@ import zarr
 from factory.geometry import Grid
 from factory.models.checkpoint import load_checkpoint
 from factory.store.layout import read_volume
-from tests.browser_helpers import chromium
+from tests.browser_helpers import NO_WEBGL2, canvas_pixels, chromium
 from tests.store_helpers import small_model
 
 KEY_ENV, KEY = "CTFACTORY_TEST_SERVE_KEY", "s3cret-key"
@@ -384,14 +384,15 @@ def test_openapi_fuzzed_with_schemathesis_gives_no_5xx(http, tmp_path):
 
 
 def test_web_page_in_headless_chromium(http):
+    """The page shows the generated volume in the 3D viewer (non-blank, a key moves the slice,
+    the window presets change it, the anatomy overlay toggles), and the PNG preview where there
+    is no WebGL2."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = chromium()
-    try:
-        driver.get(http.base + "/")
-        wait = WebDriverWait(driver, 120)
+    def fill_and_generate(driver) -> None:
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#findings input"))
         driver.find_element(By.ID, "apikey").send_keys(KEY)
         prompt = driver.find_element(By.ID, "prompt")
@@ -402,15 +403,47 @@ def test_web_page_in_headless_chromium(http):
         driver.find_element(By.ID, "steps").clear()
         driver.find_element(By.ID, "steps").send_keys("2")
         driver.find_element(By.ID, "generate").click()
-        wait.until(ec.visibility_of_element_located((By.ID, "preview")))
-        wait.until(
-            lambda d: d.execute_script("return document.getElementById('preview').naturalWidth") > 0
-        )
-        assert "Done in" in driver.find_element(By.ID, "status").text
+
+    def text(selector: str) -> str:
+        return driver.find_element(By.CSS_SELECTOR, selector).text
+
+    driver = chromium()
+    try:
+        driver.get(http.base + "/")
+        wait = WebDriverWait(driver, 120)
+        fill_and_generate(driver)
+        wait.until(lambda d: "Done in" in text("#status"))
+        assert "voxels" in text(".ct-status")  # NiiVue has the volume
+        assert not driver.find_element(By.ID, "preview").is_displayed()
+        shown = canvas_pixels(driver)
+        assert (shown.max(axis=2) > 20).mean() > 0.2 and shown.std() > 20
+        before = text(".ct-location")
+        driver.execute_script("document.querySelector('.ct-viewer canvas').focus()")
+        driver.switch_to.active_element.send_keys(Keys.ARROW_DOWN)
+        wait.until(lambda d: text(".ct-location") != before)
+        moved = canvas_pixels(driver)
+        assert not np.array_equal(moved, shown)
+        driver.find_element(By.CSS_SELECTOR, "button[data-window=mediastinal]").click()
+        windowed = canvas_pixels(driver)
+        assert not np.array_equal(windowed, moved)
+        # The anatomy overlay: the same volume sampled again as format anatomy, then toggled.
+        toggle = driver.find_element(By.CSS_SELECTOR, ".ct-anatomy")
+        toggle.click()
+        wait.until(lambda d: text(".ct-status") == "Anatomy masks shown")
+        overlaid = canvas_pixels(driver)
+        assert np.ptp(overlaid.astype(int), axis=2).max() > 60  # coloured, not grey
+        assert "lungs" in text(".ct-legend")
+        toggle.click()
+        wait.until(lambda d: text(".ct-status") == "Anatomy masks hidden")
+        assert np.array_equal(canvas_pixels(driver), windowed)
         provenance = driver.find_element(By.ID, "provenance").text
         assert "Moderate cardiomegaly, no pleural effusion." in provenance
         assert "pleural effusion. emphysema" in provenance  # what guidance steered away from
         assert driver.find_element(By.ID, "download").is_enabled()
+        resources = driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+        assert all(r.startswith(http.base) for r in resources), resources  # NiiVue from here
         # The only error allowed: the model list, asked for before the key was typed (401).
         errors = [
             e
@@ -419,6 +452,16 @@ def test_web_page_in_headless_chromium(http):
             and not ("/v1/models" in e["message"] and "401" in e["message"])
         ]
         assert not errors, errors
+        # Without WebGL2, the PNG preview.
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": NO_WEBGL2})
+        driver.get(http.base + "/")
+        fill_and_generate(driver)
+        wait.until(ec.visibility_of_element_located((By.ID, "preview")))
+        wait.until(
+            lambda d: d.execute_script("return document.getElementById('preview').naturalWidth") > 0
+        )
+        assert "Done in" in text("#status")
+        assert not driver.find_element(By.ID, "viewer").is_displayed()
         # A bad value is shown, not swallowed.
         driver.find_element(By.ID, "steps").clear()
         driver.find_element(By.ID, "steps").send_keys("9")
