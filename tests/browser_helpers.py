@@ -44,6 +44,27 @@ def canvas_pixels(driver, selector: str = ".ct-viewer canvas"):
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
+def toggle_anatomy(driver, wait, under) -> None:
+    """Switch the viewer's anatomy overlay on (coloured labels and their legend appear over the
+    picture ``under``), then off (``under`` comes back)."""
+    import numpy as np
+    from selenium.webdriver.common.by import By
+
+    def status() -> str:
+        return driver.find_element(By.CSS_SELECTOR, ".ct-status").text
+
+    toggle = driver.find_element(By.CSS_SELECTOR, ".ct-anatomy")
+    toggle.click()
+    wait.until(lambda d: status() == "Anatomy masks shown")
+    overlaid = canvas_pixels(driver)
+    assert not np.array_equal(overlaid, under)
+    assert np.ptp(overlaid.astype(int), axis=2).max() > 60  # coloured, not grey
+    assert "lungs" in driver.find_element(By.CSS_SELECTOR, ".ct-legend").text
+    toggle.click()
+    wait.until(lambda d: status() == "Anatomy masks hidden")
+    assert np.array_equal(canvas_pixels(driver), under)
+
+
 # Run before a page's scripts: the page sees a browser without WebGL2.
 NO_WEBGL2 = """const getContext = HTMLCanvasElement.prototype.getContext;
 HTMLCanvasElement.prototype.getContext = function (kind, ...rest) {

@@ -35,7 +35,7 @@ import zarr
 from factory.geometry import Grid
 from factory.models.checkpoint import load_checkpoint
 from factory.store.layout import read_volume
-from tests.browser_helpers import NO_WEBGL2, canvas_pixels, chromium
+from tests.browser_helpers import NO_WEBGL2, canvas_pixels, chromium, toggle_anatomy
 from tests.store_helpers import small_model
 
 KEY_ENV, KEY = "CTFACTORY_TEST_SERVE_KEY", "s3cret-key"
@@ -426,16 +426,7 @@ def test_web_page_in_headless_chromium(http):
         driver.find_element(By.CSS_SELECTOR, "button[data-window=mediastinal]").click()
         windowed = canvas_pixels(driver)
         assert not np.array_equal(windowed, moved)
-        # The anatomy overlay: the same volume sampled again as format anatomy, then toggled.
-        toggle = driver.find_element(By.CSS_SELECTOR, ".ct-anatomy")
-        toggle.click()
-        wait.until(lambda d: text(".ct-status") == "Anatomy masks shown")
-        overlaid = canvas_pixels(driver)
-        assert np.ptp(overlaid.astype(int), axis=2).max() > 60  # coloured, not grey
-        assert "lungs" in text(".ct-legend")
-        toggle.click()
-        wait.until(lambda d: text(".ct-status") == "Anatomy masks hidden")
-        assert np.array_equal(canvas_pixels(driver), windowed)
+        toggle_anatomy(driver, wait, windowed)  # sampled again as format anatomy, then hidden
         provenance = driver.find_element(By.ID, "provenance").text
         assert "Moderate cardiomegaly, no pleural effusion." in provenance
         assert "pleural effusion. emphysema" in provenance  # what guidance steered away from

@@ -28,7 +28,7 @@ from factory.viewer import STATIC
 from factory.viewer.catalog import QueryError, parse_query
 from factory.viewer.catalog import select as select_rows
 from factory.viz import WINDOWS
-from tests.browser_helpers import canvas_pixels, chromium
+from tests.browser_helpers import canvas_pixels, chromium, toggle_anatomy
 from tests.conftest import ROOT, ctfactory_bin, moto_s3
 from tests.store_helpers import small_model, write_spec
 
@@ -289,17 +289,7 @@ def test_the_page_in_headless_chromium(cohort, server):
         driver.find_element(By.CSS_SELECTOR, "button[data-window=bone]").click()
         boned = canvas_pixels(driver)
         assert not np.array_equal(boned, moved)
-        # The anatomy overlay: shown (colour appears), hidden (the same picture as before).
-        toggle = driver.find_element(By.CSS_SELECTOR, ".ct-anatomy")
-        toggle.click()
-        wait.until(lambda d: text(".ct-status") == "Anatomy masks shown")
-        overlaid = canvas_pixels(driver)
-        assert not np.array_equal(overlaid, boned)
-        assert np.ptp(overlaid.astype(int), axis=2).max() > 60  # coloured, not grey
-        assert "lungs" in text(".ct-legend")
-        toggle.click()
-        wait.until(lambda d: text(".ct-status") == "Anatomy masks hidden")
-        assert np.array_equal(canvas_pixels(driver), boned)
+        toggle_anatomy(driver, wait, boned)
         # A filter narrows the list to the volumes with the finding.
         effusions = list(manifest["volume_id"][manifest[EFFUSION] == 1])
         assert 0 < len(effusions) < len(manifest)
