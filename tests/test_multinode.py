@@ -251,10 +251,13 @@ def test_a_serve_replica_on_a_lost_node_is_replaced_and_no_request_hangs(nodes, 
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     with (tmp_path / "serve.log").open("w") as log:
+        # SIGINT stops it below: a background job (`make test &`) ignores SIGINT, and its
+        # children inherit that, so the server gets the default back (as in test_cli.py).
         server = subprocess.Popen(
             [*ctfactory_bin(), "serve", "--config", str(tmp_path / "serve.yaml"),
              "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
     # A request still unanswered 15 s past the server's timeout hung: it counts as status 0.
     client = Http(f"http://127.0.0.1:{port}", timeout=timeout + 15)
