@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory import yamldoc
 from factory.errors import CtFactoryError
 from factory.raycluster import IN_FLIGHT, NODE_WAIT_S, node_text, this_node
 from factory.refs import ref_options
 from factory.schema import RECORD_KEYS, RESULT_SCHEMA, RunSettings
 from factory.seeds import attempt_seed
-from factory.store.cohort import CohortStore, check_output_url, now
+from factory.store.cohort import CohortStore, now
 from factory.store.fs import StoreError
 from factory.store.layout import FORMAT, encode_volume, intensity_stats
 from factory.store.lease import Lease
@@ -193,27 +192,31 @@ def prepare_run(
     from factory.preflight import check_references
 
     spec = load_spec(spec_path)
-    check_references(spec, out)
-    spec_text = yamldoc.read_text(spec_path)
+    # Local and builtin checkpoints are loaded (and hashed) once, by the checks; remote ones
+    # are downloaded here.
+    refs = check_references(spec, out, hash_files=True)
     url = out or spec.output
     storage_options = dict(storage_options or {})
     options = ref_options(spec.model, storage_options)
-    checkpoint = load_checkpoint(spec.model, storage_options=options)
+    checkpoint = refs.model or load_checkpoint(spec.model, storage_options=options)
     # The spec's settings, or the model's own; settings it cannot use fail before planning.
-    sampler = sampling_settings(checkpoint.config.diffusion, **spec.sampler.model_dump())
+    sampler = refs.sampler or sampling_settings(
+        checkpoint.config.diffusion, **spec.sampler.model_dump()
+    )
     plan = make_plan(spec)
     classifier = None
     if spec.verify is not None:
         ref = spec.verify.classifier
-        classifier = load_checkpoint(ref, storage_options=ref_options(ref, storage_options))
+        classifier = refs.classifier or load_checkpoint(
+            ref, storage_options=ref_options(ref, storage_options)
+        )
     settings = run_settings(spec, plan, checkpoint, sampler, classifier)
     store = CohortStore(url, storage_options)
-    check_output_url(url)
     lease = store.lease()
     lease.acquire()  # one run at a time: a second one refuses here, naming the first
     lease.keep_alive()
     try:
-        state = store.prepare(settings, spec_text, plan, overwrite)
+        state = store.prepare(settings, spec.source.text, plan, overwrite)
         recovered, done = store.recover() if state == "resumed" else (0, set())
     except BaseException:
         lease.release()

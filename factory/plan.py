@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from factory.preflight import check_references
 
     spec = load_spec(args.spec)
-    checks = check_references(spec)
+    checks = check_references(spec).lines
     plan = make_plan(spec)
     print(summary_text(plan))
     print("\nreferences:\n" + "\n".join(f"  {line}" for line in checks))

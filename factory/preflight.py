@@ -5,6 +5,8 @@ and ``generate`` both call it, so that what plan passes, generate does not refus
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from factory.cohort.errors import Path
 from factory.cohort.spec_schema import CohortSpec
 from factory.errors import UsageError
@@ -15,12 +17,27 @@ from factory.store.cohort import check_output_url
 from factory.store.fs import StoreError
 
 
-def check_references(spec: CohortSpec, out: str | None = None) -> list[str]:
+@dataclass(frozen=True)
+class References:
+    """What :func:`check_references` read: the model and the classifier (None where remote,
+    not read here), the sampler settings the model runs with (None with a remote model), and
+    one line per reference saying what was checked."""
+
+    lines: list[str]
+    model: Checkpoint | None
+    sampler: dict | None
+    classifier: Checkpoint | None
+
+
+def check_references(
+    spec: CohortSpec, out: str | None = None, hash_files: bool = False
+) -> References:
     """Check the spec's model, classifier and output (``out`` replacing ``spec.output``);
-    raises SpecError at the key (UsageError for ``--out``). Returns one line per reference
-    checked or, for a remote model, what was not checked."""
+    raises SpecError at the key (UsageError for ``--out``). ``hash_files``: also check every
+    file's sha256, as a run that then uses the checkpoints does."""
     lines = []
-    checkpoint = _checked(spec, ("model",), spec.model)
+    checkpoint = _checked(spec, ("model",), spec.model, hash_files)
+    sampler = None
     if checkpoint is None:
         lines.append(_unchecked("model", spec.model))
     else:
@@ -34,9 +51,11 @@ def check_references(spec: CohortSpec, out: str | None = None) -> list[str]:
             f"model {spec.model}: files, config and weights headers checked; samples with "
             f"{sampler['scheduler']}, {sampler['steps']} steps, guidance {sampler['guidance']:g}"
         )
+    classifier = None
     if spec.verify is not None:
         ref = spec.verify.classifier
-        if _checked(spec, ("verify", "classifier"), ref) is None:
+        classifier = _checked(spec, ("verify", "classifier"), ref, hash_files)
+        if classifier is None:
             lines.append(_unchecked("verify.classifier", ref))
         else:
             lines.append(f"verify.classifier {ref}: files, config and weights headers checked")
@@ -46,16 +65,17 @@ def check_references(spec: CohortSpec, out: str | None = None) -> list[str]:
         if out is not None:
             raise UsageError(f"--out {exc}") from None
         raise spec.error(("output",), str(exc)) from None
-    return lines
+    return References(lines, checkpoint, sampler, classifier)
 
 
-def _checked(spec: CohortSpec, path: Path, ref: str) -> Checkpoint | None:
+def _checked(spec: CohortSpec, path: Path, ref: str, hash_files: bool) -> Checkpoint | None:
     """The checkpoint at ``ref`` as its loader checks it (file set, config, card, weights'
-    headers; not the hashes), or None for a remote one; a SpecError at ``path`` else."""
+    headers, and the hashes with ``hash_files``), or None for a remote one; a SpecError at
+    ``path`` else."""
     if parse_ref(ref).kind == "remote":
         return None
     try:
-        return load_checkpoint(ref, hash_files=False)
+        return load_checkpoint(ref, hash_files=hash_files)
     except CheckpointError as exc:
         raise spec.error(path, str(exc)) from None
 

@@ -19,11 +19,13 @@ from factory.cohort.errors import Path, SpecError
 
 @dataclass(frozen=True)
 class Source:
-    """Where a spec came from: its file name, folder and the (line, column) of every key path."""
+    """Where a spec came from: its file name, folder, the (line, column) of every key path, and
+    its text as given (stored beside the cohort it plans)."""
 
     name: str
     folder: str
     marks: Mapping[yamldoc.KeyPath, tuple[int, int]]
+    text: str = ""
 
     def where(self, path: Path) -> str:
         """``file:line:column`` of the deepest part of ``path`` that the file spells out."""
@@ -49,7 +51,7 @@ def read_yaml(text: str, name: str, folder: str) -> tuple[dict, Source]:
             "the spec must be a YAML mapping with schema_version, cohort, model, output, ...",
             f"{name}:1:1",
         )
-    return document.data, Source(name, folder, document.marks)
+    return document.data, Source(name, folder, document.marks, text)
 
 
 def validated(model: type[BaseModel], data: Any, prefix: Path = ()) -> Any:

@@ -65,11 +65,11 @@ class Holder:
         if self.host != socket.gethostname():
             return True
         try:
-            os.kill(self.pid, 0)
+            os.kill(self.pid, 0)  # PermissionError: another user's process, alive
         except ProcessLookupError:
             return False
-        except PermissionError:  # another user's process: alive
-            return True
+        except PermissionError:
+            pass
         return True
 
     def live(self, now: float) -> bool:
